@@ -1,0 +1,233 @@
+"""Every command-line flag of maml_tf, defined in `define_flags()`, and their conversion to Config.
+
+All flags are optional: left unset, a hyperparameter takes the paper's default for the chosen
+data set (`maml_tf.config`). Library code never reads FLAGS: `main.py` calls `to_config(FLAGS)`
+and passes the resulting frozen `Config` on. Symbols follow Finn et al. (2017), Algorithm 2.
+"""
+
+from absl import flags
+
+from maml_tf.config import DATASETS, MODES, Config
+
+# Fields of Config that have a flag of the same name.
+_CONFIG_FLAGS = (
+    "dataset",
+    "data_dir",
+    "model_dir",
+    "inner_lr",
+    "outer_lr",
+    "inner_steps",
+    "eval_inner_steps",
+    "first_order",
+    "meta_batch_size",
+    "n_way",
+    "k_shot",
+    "n_query",
+    "train_steps",
+    "steps_per_epoch",
+    "val_tasks",
+    "test_tasks",
+    "seed",
+    "eval_seed",
+    "learner",
+    "conv_variant",
+    "filters",
+    "task_loop",
+    "baseline",
+    "verbose",
+)
+
+
+def _positive(name, symbol, flag_values):
+    label = f"{name} ({symbol})" if symbol else name
+    flags.register_validator(
+        name,
+        lambda v: v is None or v > 0,
+        message=f"{label} must be greater than 0",
+        flag_values=flag_values,
+    )
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines all maml_tf flags on `flag_values` (absl's global FLAGS by default)."""
+
+    def define(kind, name, default, help_text, enum_values=None):
+        define_flag = getattr(flags, f"DEFINE_{kind}")
+        if enum_values is not None:
+            define_flag(name, default, enum_values, help_text, flag_values=flag_values)
+        else:
+            define_flag(name, default, help_text, flag_values=flag_values)
+
+    # What to do and where.
+    define(
+        "enum",
+        "mode",
+        "train",
+        "train: meta-train then meta-test; eval: meta-test a saved run in --model_dir.",
+        enum_values=list(MODES),
+    )
+    define(
+        "enum",
+        "dataset",
+        "sinusoid",
+        "Task distribution: sinusoid regression (nothing to "
+        "download), omniglot, or folder (DIR/{train,val,test}/<class>/<image>).",
+        enum_values=list(DATASETS),
+    )
+    define(
+        "string",
+        "data_dir",
+        None,
+        "Directory with the data set's files (omniglot: the "
+        "official images_background.zip and images_evaluation.zip, zipped or extracted).",
+    )
+    define(
+        "string",
+        "model_dir",
+        None,
+        "Directory for weights, TensorBoard logs, results and plots. Default: runs/<dataset>.",
+    )
+
+    # The algorithm.
+    define(
+        "float",
+        "inner_lr",
+        None,
+        "α, step size of the inner SGD updates θ' = θ − α∇L_support "
+        "(on the mean loss). Default: sinusoid 0.01, omniglot 2.0 (the paper's 0.4 on its "
+        "summed 5-way loss).",
+    )
+    define("float", "outer_lr", None, "β, Adam's learning rate for the meta-update. Default 1e-3.")
+    define(
+        "integer",
+        "inner_steps",
+        None,
+        "k, inner SGD steps per task in meta-training. "
+        "Default: 1 (sinusoid, 5-way omniglot), 5 (20-way omniglot).",
+    )
+    define(
+        "integer",
+        "eval_inner_steps",
+        None,
+        "Inner SGD steps at meta-test time; results are "
+        "reported after each of 0..eval_inner_steps. Default 10.",
+    )
+    define(
+        "bool",
+        "first_order",
+        False,
+        "First-order MAML: treat the inner gradients as constants (no Hessian-vector terms).",
+    )
+    define(
+        "integer",
+        "meta_batch_size",
+        None,
+        "B, tasks per meta-update. Default: sinusoid 25, 5-way omniglot 32, 20-way omniglot 16.",
+    )
+    define("integer", "n_way", None, "N, classes per task (classification). Default 5.")
+    define(
+        "integer",
+        "k_shot",
+        None,
+        "K, support examples per class (per task for sinusoid). Default: sinusoid 10, omniglot 1.",
+    )
+    define(
+        "integer", "n_query", None, "Query examples per class (per task for sinusoid). Default: K."
+    )
+
+    # Training and evaluation.
+    define(
+        "integer",
+        "train_steps",
+        None,
+        "Meta-updates in all. Default: sinusoid 70000 (the "
+        "paper), omniglot 60000. A multiple of --steps_per_epoch.",
+    )
+    define(
+        "integer",
+        "steps_per_epoch",
+        None,
+        "Meta-updates per Keras epoch: validation, logging "
+        "and the progress bar run once per epoch. Default 1000.",
+    )
+    define("integer", "val_tasks", None, "Fixed validation tasks evaluated after every epoch.")
+    define("integer", "test_tasks", 600, "Fixed meta-test tasks (the paper: 600).")
+    define("integer", "seed", 0, "Seeds the initialisation and the training task stream.")
+    define("integer", "eval_seed", 1, "Seeds the fixed validation and test tasks.")
+    define(
+        "enum",
+        "learner",
+        None,
+        "The network f_θ: mlp (sinusoid: 1-40-40-1 ReLU) or conv4 (images). Default by data set.",
+        enum_values=["mlp", "conv4"],
+    )
+    define(
+        "enum",
+        "conv_variant",
+        None,
+        "conv4 form: strided (stride-2 convs, spatial mean; the "
+        "paper's Omniglot net) or maxpool (2x2 max-pooling).",
+        enum_values=["strided", "maxpool"],
+    )
+    define("integer", "filters", None, "Filters per conv4 layer. Default 64.")
+    define(
+        "enum",
+        "task_loop",
+        None,
+        "How the tasks of a meta-batch run: map (tf.map_fn, quick "
+        "to trace) or unroll (one graph per task). Default by data set.",
+        enum_values=["map", "unroll"],
+    )
+    define(
+        "bool",
+        "baseline",
+        True,
+        "Sinusoid: also train and meta-test the paper's baseline "
+        "(pretrained on the same tasks without meta-learning, then fine-tuned).",
+    )
+    define("integer", "verbose", 1, "Keras output: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+    for name, symbol in [
+        ("inner_lr", "α"),
+        ("outer_lr", "β"),
+        ("inner_steps", "k"),
+        ("meta_batch_size", "B"),
+        ("k_shot", "K"),
+        ("n_query", ""),
+        ("train_steps", ""),
+        ("steps_per_epoch", ""),
+        ("val_tasks", ""),
+        ("test_tasks", ""),
+        ("filters", ""),
+    ]:
+        _positive(name, symbol, flag_values)
+    flags.register_validator(
+        "n_way",
+        lambda v: v is None or v >= 2,
+        message="n_way (N) must be at least 2",
+        flag_values=flag_values,
+    )
+    flags.register_validator(
+        "eval_inner_steps",
+        lambda v: v is None or v >= 0,
+        message="eval_inner_steps must be 0 or more",
+        flag_values=flag_values,
+    )
+    flags.register_multi_flags_validator(
+        ["train_steps", "steps_per_epoch"],
+        lambda f: (
+            f["train_steps"] is None
+            or f["steps_per_epoch"] is None
+            or f["train_steps"] % f["steps_per_epoch"] == 0
+        ),
+        message="--train_steps must be a multiple of --steps_per_epoch",
+        flag_values=flag_values,
+    )
+
+
+def to_config(flag_values=flags.FLAGS):
+    """The frozen `Config` that the parsed flags describe (defaults not yet resolved)."""
+    values = {name: flag_values[name].value for name in _CONFIG_FLAGS}
+    if values["model_dir"] is None:
+        values["model_dir"] = f"runs/{values['dataset']}"
+    return Config(**values)
