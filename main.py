@@ -18,7 +18,6 @@ from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import flags  # noqa: E402
-from maml_tf import training  # noqa: E402
 from maml_tf.errors import UserError  # noqa: E402
 
 flags.define_flags()
@@ -29,6 +28,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = flags.to_config(FLAGS)
+    # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
+    from maml_tf import training
+
     run = training.train if FLAGS.mode == "train" else training.evaluate
     try:
         result = run(config)

@@ -1,7 +1,21 @@
-"""maml_tf: Model-Agnostic Meta-Learning in TensorFlow 2 and Keras 3."""
+"""maml_tf: Model-Agnostic Meta-Learning in TensorFlow 2 and Keras 3.
 
-from maml_tf import learners
-from maml_tf.maml import MAML, TaskResults
+    from maml_tf import MAML, learners
+    model = MAML(learners.mlp(), inner_lr=0.01, inner_steps=1, loss="mse")
+
+TensorFlow is imported on first use of `MAML` or `learners`, so `maml_tf.config` (and the
+command line's flag parsing, which reports bad flags) stays quick.
+"""
+
+import importlib
 
 __all__ = ["MAML", "TaskResults", "learners"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in ("MAML", "TaskResults"):
+        return getattr(importlib.import_module("maml_tf.maml"), name)
+    if name == "learners":
+        return importlib.import_module("maml_tf.learners")
+    raise AttributeError(f"module 'maml_tf' has no attribute {name!r}")

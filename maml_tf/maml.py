@@ -209,7 +209,9 @@ class MAML(keras.Model):
         """
         x = tf.cast(x, self.compute_dtype_)
         non_trainable = [v.value for v in self.learner.non_trainable_variables]
-        outputs, _ = self.learner.stateless_call(weights, non_trainable, x, training=training)
+        # stateless_call calls `call()` directly, which may not take `training`.
+        kwargs = {"training": training} if self.learner._call_has_training_arg else {}
+        outputs, _ = self.learner.stateless_call(weights, non_trainable, x, **kwargs)
         return outputs
 
     def _loss(self, weights, x, y):

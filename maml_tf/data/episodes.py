@@ -1,0 +1,248 @@
+"""N-way K-shot episodes drawn from an in-memory image array as a `tf.data` pipeline.
+
+A reader (`omniglot.py`, `folder.py`) turns files into a `Split`: every class's examples as one
+dense uint8 array. This module knows what an episode is and nothing about files.
+
+Each episode is a pure function of a 2-element stateless seed, and the seed of episode i is
+derived from `(seed, i)` alone, so the episodes do not depend on parallelism, batch size,
+`tf.random.set_seed` or how many episodes were drawn before.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from maml_tf.errors import UserError
+
+# Separate seed streams so that a training stream and a fixed-task set built with the same
+# seed (for example tasks on the training classes, to monitor overfitting) do not coincide.
+_TRAIN_STREAM = 0
+_FIXED_STREAM = 1
+
+
+class Split(NamedTuple):
+    """The classes of one meta-split, densely packed for the sampler.
+
+    Attributes:
+        images: uint8 `[classes, max_per_class, H, W, C]`. Class `c` owns the first `counts[c]`
+            rows of `images[c]`; the rest is zero padding that the sampler never draws.
+        counts: int32 `[classes]`, examples per class (all equal for Omniglot).
+        names: one name per class, e.g. `"Latin/character01"` or `"n01532829"`.
+    """
+
+    images: np.ndarray
+    counts: np.ndarray
+    names: tuple[str, ...]
+
+
+class Splits(NamedTuple):
+    """Meta-train, meta-validation and meta-test classes; no class is in two of them."""
+
+    train: Split
+    val: Split
+    test: Split
+
+
+def make_split(images: np.ndarray, names, counts: np.ndarray | None = None) -> Split:
+    """Builds a `Split`, with full counts when `counts` is None.
+
+    Args:
+        images: uint8 `[classes, per_class, H, W, C]`.
+        names: `classes` class names.
+        counts: optional int32 `[classes]`; None means every class has `per_class` examples.
+
+    Returns:
+        The `Split`.
+    """
+    images = np.asarray(images)
+    if counts is None:
+        counts = np.full([images.shape[0]], images.shape[1], np.int32)
+    return Split(images, np.asarray(counts, np.int32), tuple(names))
+
+
+def check_episode_shape(splits: Splits, n_way: int, k_shot: int, n_query: int) -> None:
+    """Checks that every split can supply N-way episodes of k_shot + n_query examples per class.
+
+    Args:
+        splits: the meta-splits.
+        n_way: classes per episode (`--n_way`).
+        k_shot: support examples per class (`--k_shot`).
+        n_query: query examples per class (`--n_query`).
+
+    Raises:
+        UserError: naming the flag and the split when a split has fewer than `n_way` classes or
+            a class has fewer than `k_shot + n_query` examples.
+    """
+    for split_name, split in zip(Splits._fields, splits, strict=True):
+        _check_episode_shape(
+            split.images.shape[0], split.counts, n_way, k_shot, n_query, split_name, split.names
+        )
+
+
+def _check_episode_shape(num_classes, counts, n_way, k_shot, n_query, split_name, names=None):
+    """Raises UserError when episodes of this shape cannot be drawn; see `check_episode_shape`."""
+    for flag, value, lowest in (
+        ("n_way", n_way, 1),
+        ("k_shot", k_shot, 1),
+        ("n_query", n_query, 1),
+    ):
+        if value < lowest:
+            raise UserError(f"--{flag}={value} must be at least {lowest}")
+    if n_way > num_classes:
+        raise UserError(
+            f"--n_way={n_way} is more than the {num_classes} classes of the {split_name} split"
+        )
+    counts = np.asarray(counts)
+    if counts.size and counts.min() < k_shot + n_query:
+        smallest = int(counts.argmin())
+        label = repr(names[smallest]) if names is not None else f"index {smallest}"
+        raise UserError(
+            f"--k_shot={k_shot} + --n_query={n_query} needs {k_shot + n_query} examples per "
+            f"class, but class {label} of the {split_name} split has only {counts[smallest]}"
+        )
+
+
+def sample_episode(
+    images: tf.Tensor,
+    seed: tf.Tensor,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    counts: tf.Tensor | None = None,
+) -> dict[str, tf.Tensor]:
+    """Draws one N-way K-shot episode, a pure function of `seed`.
+
+    The `n_way` classes are drawn without replacement and labelled 0..n_way-1 in the order they
+    were drawn, which is random, so label 0 is not the lowest class index. Per class,
+    `k_shot + n_query` distinct examples are drawn without replacement: the first `k_shot` form
+    the support set and the rest the query set, so the two never share an example. Both sets are
+    in class-major order (`support_y = [0]*k_shot + [1]*k_shot + ...`): a learner that treats
+    a set as a batch (per-example losses, batch statistics) does not depend on the order, and a
+    fixed order keeps episodes easy to inspect.
+
+    Args:
+        images: uint8 `[classes, per_class, H, W, C]` with static H, W, C.
+        seed: int32 or int64 `[2]`, the stateless seed of this episode.
+        n_way: classes per episode.
+        k_shot: support examples per class.
+        n_query: query examples per class.
+        counts: optional int32 `[classes]`, valid examples per class (the rest is padding);
+            None when every class has `per_class` examples. The caller checks that every count
+            is at least `k_shot + n_query`.
+
+    Returns:
+        A dict with `support_x` float32 `[n_way*k_shot, H, W, C]` in [0, 1], `support_y` int32
+        `[n_way*k_shot]`, `query_x` float32 `[n_way*n_query, H, W, C]` and `query_y` int32
+        `[n_way*n_query]`.
+    """
+    images = tf.convert_to_tensor(images)
+    example_shape = images.shape[2:]
+    per_episode = k_shot + n_query
+    class_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+    num_classes = tf.shape(images, out_type=tf.int64)[0]
+    classes = tf.random.experimental.stateless_shuffle(tf.range(num_classes), class_seed)[:n_way]
+
+    # A random key per example, sorted, picks a uniform subset without replacement. Padding gets
+    # the key 2, above every real key in [0, 1), so it is never among the first k + q.
+    keys = tf.random.stateless_uniform([n_way, tf.shape(images)[1]], example_seed)
+    if counts is not None:
+        valid = tf.range(tf.shape(images)[1])[None, :] < tf.gather(counts, classes)[:, None]
+        keys = tf.where(valid, keys, 2.0)
+    examples = tf.argsort(keys, axis=1, stable=True)[:, :per_episode]
+
+    indices = tf.stack(
+        [tf.broadcast_to(classes[:, None], [n_way, per_episode]), tf.cast(examples, tf.int64)],
+        axis=-1,
+    )
+    x = tf.cast(tf.gather_nd(images, indices), tf.float32) / 255.0
+    y = tf.broadcast_to(tf.range(n_way, dtype=tf.int32)[:, None], [n_way, per_episode])
+    return {
+        "support_x": tf.reshape(x[:, :k_shot], [n_way * k_shot, *example_shape]),
+        "support_y": tf.reshape(y[:, :k_shot], [n_way * k_shot]),
+        "query_x": tf.reshape(x[:, k_shot:], [n_way * n_query, *example_shape]),
+        "query_y": tf.reshape(y[:, k_shot:], [n_way * n_query]),
+    }
+
+
+def episode_dataset(
+    images: np.ndarray,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    meta_batch_size: int,
+    seed: int,
+    num_tasks: int | None = None,
+    drop_remainder: bool = True,
+    counts: np.ndarray | None = None,
+    *,
+    split_name: str = "given",
+) -> tf.data.Dataset:
+    """Meta-batches of N-way K-shot episodes, drawn in parallel and deterministically.
+
+    The images are held once, as one tensor captured by the map function; each element of the
+    dataset is a meta-batch of `meta_batch_size` episodes from `sample_episode`. Episode i is
+    drawn with a stateless seed derived from `(seed, i)` only. With `num_tasks=None` the dataset
+    is infinite (training: pass `steps_per_epoch` to `fit`); with `num_tasks` it holds exactly
+    those tasks, the same ones on every iteration and for every batch size (validation, test).
+    Training and fixed-task datasets built with the same seed draw different episodes.
+
+    Args:
+        images: uint8 `[classes, per_class, H, W, C]`, e.g. `Split.images`.
+        n_way: classes per episode (`--n_way`).
+        k_shot: support examples per class (`--k_shot`).
+        n_query: query examples per class (`--n_query`).
+        meta_batch_size: episodes per element.
+        seed: the seed of the episode stream.
+        num_tasks: None for an infinite stream, else the number of fixed tasks.
+        drop_remainder: drop a last, smaller meta-batch; True keeps the batch dimension static,
+            which `fit` needs. With `num_tasks`, False keeps every task.
+        counts: optional int32 `[classes]`, valid examples per class (`Split.counts`).
+        split_name: used in error messages only.
+
+    Returns:
+        A `tf.data.Dataset` of dicts: `support_x` float32 `[B, n_way*k_shot, H, W, C]` in [0, 1],
+        `support_y` int32 `[B, n_way*k_shot]`, `query_x` float32 `[B, n_way*n_query, H, W, C]`,
+        `query_y` int32 `[B, n_way*n_query]`, B = `meta_batch_size` (static when
+        `drop_remainder`).
+
+    Raises:
+        UserError: naming `--n_way`, `--k_shot` or `--n_query` when the split is too small for
+            the episodes asked for.
+        ValueError: when `images` is not a uint8 5-D array, or `meta_batch_size` or `num_tasks`
+            is below 1.
+    """
+    images = np.asarray(images)
+    if images.ndim != 5 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 [classes, per_class, H, W, C], got {images.dtype} {images.shape}"
+        )
+    if meta_batch_size < 1:
+        raise ValueError(f"meta_batch_size must be at least 1, got {meta_batch_size}")
+    if num_tasks is not None and num_tasks < 1:
+        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    full_counts = np.full([images.shape[0]], images.shape[1], np.int32)
+    counts = full_counts if counts is None else np.asarray(counts, np.int32)
+    if counts.shape != full_counts.shape or (counts > images.shape[1]).any():
+        raise ValueError(f"counts {counts.shape} do not fit images {images.shape}")
+    _check_episode_shape(images.shape[0], counts, n_way, k_shot, n_query, split_name)
+
+    images_tensor = tf.convert_to_tensor(images)
+    # Masking padding costs a little per episode, so skip it when there is none.
+    counts_tensor = None if (counts == full_counts).all() else tf.convert_to_tensor(counts)
+    if num_tasks is None:
+        stream, indices = _TRAIN_STREAM, tf.data.Dataset.counter()
+    else:
+        stream, indices = _FIXED_STREAM, tf.data.Dataset.range(num_tasks)
+    base_seed = tf.constant([seed, stream], tf.int64)
+
+    def episode(index):
+        episode_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        return sample_episode(images_tensor, episode_seed, n_way, k_shot, n_query, counts_tensor)
+
+    return (
+        indices.map(episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(meta_batch_size, drop_remainder=drop_remainder)
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -1,0 +1,214 @@
+"""Tests of maml_tf.data.episodes, one invariant of the sampler each.
+
+The images encode where they come from: pixel (0, 0) is the class index and pixel (0, 1) the
+example index, so an episode can be traced back to the examples it drew.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf.data import episodes
+from maml_tf.errors import UserError
+
+NUM_CLASSES, PER_CLASS = 12, 8
+N_WAY, K_SHOT, N_QUERY = 5, 2, 3
+
+
+def labelled_images(num_classes=NUM_CLASSES, per_class=PER_CLASS):
+    """uint8 [classes, per_class, 2, 2, 1] with the class and example index in the pixels."""
+    images = np.zeros([num_classes, per_class, 2, 2, 1], np.uint8)
+    images[:, :, 0, 0, 0] = np.arange(num_classes)[:, None]
+    images[:, :, 0, 1, 0] = np.arange(per_class)[None, :]
+    images[:, :, 1, 1, 0] = 255
+    return images
+
+
+def provenance(x):
+    """(class, example) index pairs of float32 [..., 2, 2, 1] images, as int [..., 2]."""
+    pixels = np.round(np.asarray(x) * 255).astype(int)
+    return np.stack([pixels[..., 0, 0, 0], pixels[..., 0, 1, 0]], axis=-1)
+
+
+def episode(seed, images=None, counts=None, n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY):
+    images = labelled_images() if images is None else images
+    result = episodes.sample_episode(
+        images, tf.constant(seed, tf.int64), n_way, k_shot, n_query, counts
+    )
+    return {key: value.numpy() for key, value in result.items()}
+
+
+def as_numpy(dataset):
+    return [{key: value.numpy() for key, value in batch.items()} for batch in dataset]
+
+
+def unbatched(batches):
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def test_episode_shapes_and_dtypes():
+    result = episode([1, 2])
+    assert result["support_x"].shape == (N_WAY * K_SHOT, 2, 2, 1)
+    assert result["support_y"].shape == (N_WAY * K_SHOT,)
+    assert result["query_x"].shape == (N_WAY * N_QUERY, 2, 2, 1)
+    assert result["query_y"].shape == (N_WAY * N_QUERY,)
+    assert result["support_x"].dtype == np.float32
+    assert result["support_y"].dtype == np.int32
+
+
+def test_images_are_scaled_to_the_unit_interval():
+    result = episode([1, 2])
+    assert result["query_x"].min() == 0.0
+    assert result["query_x"].max() == 1.0
+
+
+def test_classes_in_an_episode_are_distinct():
+    for i in range(20):
+        classes = provenance(episode([i, 0], n_way=NUM_CLASSES)["support_x"])[:, 0]
+        assert len(set(classes)) == NUM_CLASSES
+
+
+def test_each_label_is_one_class_in_support_and_query():
+    result = episode([3, 4])
+    for key in ("support", "query"):
+        classes = provenance(result[f"{key}_x"])[:, 0]
+        for label in range(N_WAY):
+            assert len(set(classes[result[f"{key}_y"] == label])) == 1
+    support_classes = provenance(result["support_x"])[:, 0]
+    query_classes = provenance(result["query_x"])[:, 0]
+    for label in range(N_WAY):
+        assert set(support_classes[result["support_y"] == label]) == set(
+            query_classes[result["query_y"] == label]
+        )
+
+
+def test_labels_are_assigned_in_shuffled_class_order():
+    orders = set()
+    for i in range(20):
+        result = episode([i, 1])
+        classes = provenance(result["support_x"])[:, 0][::K_SHOT]
+        orders.add(tuple(np.argsort(classes)))
+    assert len(orders) > 1
+
+
+def test_support_is_class_major():
+    result = episode([5, 6])
+    np.testing.assert_array_equal(result["support_y"], np.repeat(np.arange(N_WAY), K_SHOT))
+    np.testing.assert_array_equal(result["query_y"], np.repeat(np.arange(N_WAY), N_QUERY))
+
+
+def test_support_and_query_examples_are_disjoint_within_a_class():
+    for i in range(20):
+        # k_shot + n_query = per_class: every example of a class is used exactly once.
+        result = episode([i, 2], k_shot=3, n_query=PER_CLASS - 3)
+        drawn = np.concatenate([provenance(result["support_x"]), provenance(result["query_x"])])
+        assert len({tuple(pair) for pair in drawn}) == len(drawn)
+
+
+def test_same_seed_gives_the_same_episode():
+    first, second = episode([7, 8]), episode([7, 8])
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_different_seeds_give_different_episodes():
+    assert not np.array_equal(episode([7, 8])["support_x"], episode([7, 9])["support_x"])
+
+
+def test_padding_beyond_counts_is_never_drawn():
+    images = labelled_images()
+    counts = np.full([NUM_CLASSES], PER_CLASS, np.int32)
+    counts[::2] = K_SHOT + N_QUERY
+    for i in range(20):
+        result = episode([i, 3], images, tf.constant(counts))
+        drawn = np.concatenate([provenance(result["support_x"]), provenance(result["query_x"])])
+        assert (drawn[:, 1] < counts[drawn[:, 0]]).all()
+
+
+def test_training_batches_have_a_static_batch_dimension():
+    dataset = episodes.episode_dataset(labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, seed=0)
+    assert dataset.element_spec["support_x"].shape == (4, N_WAY * K_SHOT, 2, 2, 1)
+    assert dataset.element_spec["query_y"].shape == (4, N_WAY * N_QUERY)
+    assert dataset.element_spec["query_y"].dtype == tf.int32
+
+
+def test_training_stream_is_infinite_and_seeded():
+    def first_batches(seed):
+        dataset = episodes.episode_dataset(labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, seed)
+        assert dataset.cardinality() == tf.data.INFINITE_CARDINALITY
+        return unbatched(as_numpy(dataset.take(3)))["support_x"]
+
+    np.testing.assert_array_equal(first_batches(0), first_batches(0))
+    assert not np.array_equal(first_batches(0), first_batches(1))
+
+
+def test_training_stream_ignores_the_global_seed():
+    def first_batch():
+        dataset = episodes.episode_dataset(labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, 0)
+        return as_numpy(dataset.take(1))[0]["support_x"]
+
+    try:
+        tf.random.set_seed(1)
+        first = first_batch()
+        tf.random.set_seed(2)
+        np.testing.assert_array_equal(first, first_batch())
+    finally:
+        tf.random.set_seed(None)
+
+
+def test_fixed_tasks_are_identical_across_iterations():
+    dataset = episodes.episode_dataset(
+        labelled_images(), N_WAY, K_SHOT, N_QUERY, 3, seed=5, num_tasks=7, drop_remainder=False
+    )
+    first, second = unbatched(as_numpy(dataset)), unbatched(as_numpy(dataset))
+    assert len(first["support_x"]) == 7
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_fixed_tasks_are_identical_across_batch_sizes():
+    def tasks(batch_size):
+        dataset = episodes.episode_dataset(
+            labelled_images(),
+            N_WAY,
+            K_SHOT,
+            N_QUERY,
+            batch_size,
+            seed=5,
+            num_tasks=7,
+            drop_remainder=False,
+        )
+        return unbatched(as_numpy(dataset))
+
+    small, large = tasks(2), tasks(7)
+    for key in small:
+        np.testing.assert_array_equal(small[key], large[key])
+
+
+def test_fixed_tasks_differ_from_the_training_stream_of_the_same_seed():
+    train = episodes.episode_dataset(labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, seed=5)
+    fixed = episodes.episode_dataset(
+        labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, seed=5, num_tasks=4
+    )
+    assert not np.array_equal(
+        as_numpy(train.take(1))[0]["support_x"], as_numpy(fixed)[0]["support_x"]
+    )
+
+
+def test_too_many_ways_names_the_flag():
+    with pytest.raises(UserError, match=r"--n_way=13 is more than the 12 classes of the val"):
+        episodes.episode_dataset(labelled_images(), 13, 1, 1, 2, 0, split_name="val")
+
+
+def test_too_many_examples_per_class_names_the_flags():
+    with pytest.raises(UserError, match=r"--k_shot=5 \+ --n_query=4 needs 9 examples per class"):
+        episodes.episode_dataset(labelled_images(), N_WAY, 5, 4, 2, 0)
+
+
+def test_small_counts_are_checked_against_the_episode_shape():
+    counts = np.full([NUM_CLASSES], PER_CLASS, np.int32)
+    counts[3] = 2
+    with pytest.raises(UserError, match="class index 3 of the train split has only 2"):
+        episodes.episode_dataset(
+            labelled_images(), N_WAY, K_SHOT, N_QUERY, 2, 0, counts=counts, split_name="train"
+        )

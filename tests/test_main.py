@@ -1,0 +1,90 @@
+"""End-to-end runs of `python main.py` in a temporary directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("run") / "sinusoid"
+    result = run_main(
+        "--train_steps=40",
+        "--steps_per_epoch=20",
+        "--val_tasks=10",
+        "--test_tasks=20",
+        "--eval_inner_steps=3",
+        f"--model_dir={model_dir}",
+    )
+    return model_dir, result
+
+
+def test_sinusoid_run_prints_the_adaptation_table(sinusoid_run):
+    model_dir, result = sinusoid_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MAML query MSE" in result.stdout and "pretrained" in result.stdout
+    rows = [line.split()[0] for line in result.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert rows == ["0", "1", "2", "3"]
+    assert f"plot: {model_dir}/sinusoid_fit.png" in result.stdout
+
+
+def test_sinusoid_run_writes_its_files(sinusoid_run):
+    model_dir, _ = sinusoid_run
+    for name in ("config.json", "learner.weights.h5", "baseline.weights.h5", "sinusoid_fit.png"):
+        assert (model_dir / name).exists(), name
+    results = json.loads((model_dir / "results.json").read_text())
+    assert len(results["test"]["query_loss_mean"]) == 4
+    assert results["test"]["num_tasks"] == 20
+    assert results["baseline_inner_lr"] > 0
+    events = [f for _, _, files in os.walk(model_dir / "logs") for f in files]
+    assert any(f.startswith("events.out.tfevents") for f in events)
+
+
+def test_eval_mode_reproduces_the_test_numbers(sinusoid_run):
+    model_dir, _ = sinusoid_run
+    result = run_main("--mode=eval", f"--model_dir={model_dir}", "--test_tasks=20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((model_dir / "results.json").read_text())["test"]
+    evaluated = json.loads((model_dir / "eval_results.json").read_text())["test"]
+    assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flag,name",
+    [
+        ("--inner_lr=-1", "inner_lr"),
+        ("--outer_lr=0", "outer_lr"),
+        ("--meta_batch_size=0", "meta_batch_size"),
+        ("--inner_steps=0", "inner_steps"),
+        ("--eval_inner_steps=-1", "eval_inner_steps"),
+        ("--dataset=imagenet", "dataset"),
+        ("--mode=serve", "mode"),
+    ],
+)
+def test_bad_flags_get_one_line_naming_the_flag(flag, name):
+    result = run_main(flag)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert name in result.stderr
+
+
+def test_eval_of_a_missing_run_names_the_directory(tmp_path):
+    result = run_main("--mode=eval", f"--model_dir={tmp_path}/nothing")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"--model_dir={tmp_path}/nothing" in result.stderr

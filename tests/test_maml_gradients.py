@@ -1,0 +1,220 @@
+"""The meta-gradient that `MAML.train_step` applies, against float64 central finite differences.
+
+The finite differences are taken of an independent, plain implementation of the MAML objective
+(a per-task Python loop using only first derivatives, which are exact), not of the code under test.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import MAML, learners
+
+TOLERANCE = 1e-6
+EPSILON = 1e-6
+INNER_LR = 0.1
+
+
+def regression_episodes(seed, tasks=3, support=5, query=4):
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        return tf.constant(rng.normal(size=(tasks, n, 1)), tf.float64)
+
+    return {
+        "support_x": draw(support),
+        "support_y": draw(support),
+        "query_x": draw(query),
+        "query_y": draw(query),
+    }
+
+
+def image_episodes(seed, tasks=2, n_way=3, shape=(8, 8, 1)):
+    rng = np.random.default_rng(seed)
+
+    def images(n):
+        return tf.constant(rng.normal(size=(tasks, n, *shape)), tf.float64)
+
+    def labels(n):
+        return tf.constant(np.stack([rng.permutation(n) % n_way for _ in range(tasks)]), tf.int32)
+
+    return {
+        "support_x": images(2 * n_way),
+        "support_y": labels(2 * n_way),
+        "query_x": images(n_way),
+        "query_y": labels(n_way),
+    }
+
+
+def mse(y, prediction):
+    return tf.reduce_mean(tf.square(y - prediction))
+
+
+def cross_entropy(y, logits):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+
+
+def reference_meta_loss(learner, loss, inner_lr, steps):
+    """θ ↦ mean_i L_query(θ'_i), written plainly, as a tf.function of a flat float64 θ."""
+    shapes = [v.shape for v in learner.trainable_variables]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    @tf.function
+    def meta_loss(flat_theta, episodes):
+        theta = [tf.reshape(t, s) for t, s in zip(tf.split(flat_theta, sizes), shapes, strict=True)]
+        total = tf.constant(0.0, tf.float64)
+        tasks = episodes["support_x"].shape[0]
+        for i in range(tasks):
+            weights = theta
+            for _ in range(steps):
+                with tf.GradientTape() as tape:
+                    tape.watch(weights)
+                    out, _ = learner.stateless_call(
+                        weights, [], episodes["support_x"][i], training=True
+                    )
+                    support_loss = loss(episodes["support_y"][i], out)
+                grads = tape.gradient(support_loss, weights)
+                weights = [w - inner_lr * g for w, g in zip(weights, grads, strict=True)]
+            out, _ = learner.stateless_call(weights, [], episodes["query_x"][i], training=True)
+            total += loss(episodes["query_y"][i], out)
+        return total / tasks
+
+    return meta_loss
+
+
+def finite_difference_gradient(learner, loss, inner_lr, steps, episodes):
+    """Central differences of the reference objective in every coordinate of θ."""
+    meta_loss = reference_meta_loss(learner, loss, inner_lr, steps)
+    theta = np.concatenate([v.numpy().ravel() for v in learner.trainable_variables])
+    gradient = np.zeros_like(theta)
+    for j in range(theta.size):
+        step = np.zeros_like(theta)
+        step[j] = EPSILON
+        plus = meta_loss(tf.constant(theta + step), episodes)
+        minus = meta_loss(tf.constant(theta - step), episodes)
+        gradient[j] = (plus.numpy() - minus.numpy()) / (2 * EPSILON)
+    return gradient
+
+
+def applied_meta_gradient(model, episodes):
+    """Runs one real `fit` step with SGD(β = 1): θ_before − θ_after is the applied gradient."""
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0))
+    before = [v.numpy().copy() for v in model.learner.trainable_variables]
+    one_batch = tf.data.Dataset.from_tensors(episodes)
+    model.fit(one_batch, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
+    after = [v.numpy() for v in model.learner.trainable_variables]
+    for variable, value in zip(model.learner.trainable_variables, before, strict=True):
+        variable.assign(value)
+    return np.concatenate([(b - a).ravel() for b, a in zip(before, after, strict=True)])
+
+
+def relative_errors(learner, analytic, numeric):
+    """Per variable: max |analytic − numeric| over its entries / max |numeric| over its entries.
+
+    A variable whose gradient is zero in exact arithmetic (a convolution bias followed by
+    normalisation) has only round-off for gradient; its error is taken relative to 1e-3 of the
+    largest gradient entry of all variables instead.
+    """
+    floor = 1e-3 * np.max(np.abs(numeric))
+    errors, start = {}, 0
+    for variable in learner.trainable_variables:
+        size = int(np.prod(variable.shape))
+        a, n = analytic[start : start + size], numeric[start : start + size]
+        errors[variable.path] = np.max(np.abs(a - n)) / max(np.max(np.abs(n)), floor)
+        start += size
+    return errors
+
+
+def mlp_case():
+    keras.utils.set_random_seed(3)
+    return learners.mlp(hidden=(8, 8), dtype="float64"), "mse", mse, regression_episodes(0)
+
+
+def conv_case(variant):
+    keras.utils.set_random_seed(4)
+    learner = learners.conv4(
+        3, image_shape=(8, 8, 1), variant=variant, filters=3, blocks=2, dtype="float64"
+    )
+    return learner, "sparse_categorical_crossentropy", cross_entropy, image_episodes(1)
+
+
+CASES = {
+    "mlp": mlp_case,
+    "conv_maxpool": lambda: conv_case("maxpool"),
+    "conv_strided": lambda: conv_case("strided"),
+}
+
+
+@pytest.mark.parametrize(
+    "case,steps,task_loop",
+    [
+        ("mlp", 1, "map"),
+        ("mlp", 3, "map"),
+        ("mlp", 3, "unroll"),
+        ("conv_maxpool", 2, "map"),
+        ("conv_strided", 2, "map"),
+        ("conv_strided", 2, "unroll"),
+    ],
+)
+def test_second_order_meta_gradient_matches_finite_differences(case, steps, task_loop):
+    learner, loss_name, loss, episodes = CASES[case]()
+    model = MAML(learner, INNER_LR, inner_steps=steps, loss=loss_name, task_loop=task_loop)
+    analytic = applied_meta_gradient(model, episodes)
+    numeric = finite_difference_gradient(learner, loss, INNER_LR, steps, episodes)
+    errors = relative_errors(learner, analytic, numeric)
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv_maxpool"])
+def test_first_order_gradient_fails_the_finite_difference_check(case):
+    # The check above must be able to fail: FOMAML's gradient is not the gradient of the
+    # MAML objective.
+    learner, loss_name, loss, episodes = CASES[case]()
+    model = MAML(learner, INNER_LR, inner_steps=2, loss=loss_name, first_order=True)
+    analytic = applied_meta_gradient(model, episodes)
+    numeric = finite_difference_gradient(learner, loss, INNER_LR, 2, episodes)
+    errors = relative_errors(learner, analytic, numeric)
+    assert max(errors.values()) > 1e-2, errors
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv_strided"])
+def test_second_order_differs_from_first_order(case):
+    learner, loss_name, _, episodes = CASES[case]()
+    second = applied_meta_gradient(MAML(learner, INNER_LR, 2, loss=loss_name), episodes)
+    first = applied_meta_gradient(
+        MAML(learner, INNER_LR, 2, loss=loss_name, first_order=True), episodes
+    )
+    assert np.linalg.norm(second - first) > 1e-2 * np.linalg.norm(second)
+
+
+def test_first_order_matches_hand_computed_reference():
+    # FOMAML with one inner step: the meta-gradient is ∇L_query evaluated at θ' = θ − α∇L_support.
+    learner, loss_name, loss, episodes = mlp_case()
+    model = MAML(learner, INNER_LR, inner_steps=1, loss=loss_name, first_order=True)
+    analytic = applied_meta_gradient(model, episodes)
+    theta = [tf.convert_to_tensor(v) for v in learner.trainable_variables]
+    expected = []
+    for i in range(episodes["support_x"].shape[0]):
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            out, _ = learner.stateless_call(theta, [], episodes["support_x"][i], training=True)
+            support_loss = loss(episodes["support_y"][i], out)
+        grads = tape.gradient(support_loss, theta)
+        fast = [w - INNER_LR * g for w, g in zip(theta, grads, strict=True)]
+        with tf.GradientTape() as tape:
+            tape.watch(fast)
+            out, _ = learner.stateless_call(fast, [], episodes["query_x"][i], training=True)
+            query_loss = loss(episodes["query_y"][i], out)
+        grads = tape.gradient(query_loss, fast)
+        expected.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    np.testing.assert_allclose(analytic, np.mean(expected, axis=0), rtol=1e-10, atol=1e-12)
+
+
+def test_map_and_unroll_task_loops_give_the_same_meta_gradient():
+    learner, loss_name, _, episodes = conv_case("maxpool")
+    mapped = applied_meta_gradient(MAML(learner, INNER_LR, 2, loss=loss_name), episodes)
+    unrolled = applied_meta_gradient(
+        MAML(learner, INNER_LR, 2, loss=loss_name, task_loop="unroll"), episodes
+    )
+    np.testing.assert_allclose(mapped, unrolled, rtol=1e-10, atol=1e-13)
