@@ -7,12 +7,15 @@ and passes the resulting frozen `Config` on. Symbols follow Finn et al. (2017), 
 
 from absl import flags
 
-from maml_tf.config import DATASETS, MODES, Config
+from maml_tf.config import CHECKPOINTS, DATASETS, MODES, OMNIGLOT_SPLITS, Config
 
 # Fields of Config that have a flag of the same name.
 _CONFIG_FLAGS = (
     "dataset",
     "data_dir",
+    "split",
+    "image_size",
+    "cache_dir",
     "model_dir",
     "inner_lr",
     "outer_lr",
@@ -34,6 +37,7 @@ _CONFIG_FLAGS = (
     "filters",
     "task_loop",
     "baseline",
+    "checkpoint",
     "verbose",
 )
 
@@ -80,6 +84,28 @@ def define_flags(flag_values=flags.FLAGS):
         None,
         "Directory with the data set's files (omniglot: the "
         "official images_background.zip and images_evaluation.zip, zipped or extracted).",
+    )
+    define(
+        "enum",
+        "split",
+        "maml",
+        "Omniglot class split: maml (all 1623 characters shuffled with a fixed seed, "
+        "1100/100/423 for meta-train/validation/test, rotations by 0/90/180/270 degrees as new "
+        "classes) or lake (background alphabets for training, 5 of them held out for "
+        "validation; the 20 evaluation alphabets for test; no rotations).",
+        enum_values=list(OMNIGLOT_SPLITS),
+    )
+    define(
+        "integer",
+        "image_size",
+        None,
+        "Side of the square images, resized once at load. Default: omniglot 28, folder 84.",
+    )
+    define(
+        "string",
+        "cache_dir",
+        None,
+        "Directory for a cache of the decoded Omniglot images (skips 4 s of PNG decoding).",
     )
     define(
         "string",
@@ -185,6 +211,13 @@ def define_flags(flag_values=flags.FLAGS):
         "Sinusoid: also train and meta-test the paper's baseline "
         "(pretrained on the same tasks without meta-learning, then fine-tuned).",
     )
+    define(
+        "enum",
+        "checkpoint",
+        "best",
+        "Weights to meta-test: best (best validation score during training) or final.",
+        enum_values=list(CHECKPOINTS),
+    )
     define("integer", "verbose", 1, "Keras output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
     for name, symbol in [
@@ -199,6 +232,7 @@ def define_flags(flag_values=flags.FLAGS):
         ("val_tasks", ""),
         ("test_tasks", ""),
         ("filters", ""),
+        ("image_size", ""),
     ]:
         _positive(name, symbol, flag_values)
     flags.register_validator(

@@ -9,6 +9,8 @@ import os
 
 DATASETS = ("sinusoid", "omniglot", "folder")
 MODES = ("train", "eval")
+OMNIGLOT_SPLITS = ("maml", "lake")
+CHECKPOINTS = ("best", "final")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +19,12 @@ class Config:
 
     Attributes:
       dataset: "sinusoid", "omniglot" or "folder".
-      data_dir: where the data set's files are (not used by sinusoid).
+      data_dir: where the data set's files are (not used by sinusoid). Omniglot without one
+        comes from TFDS (which downloads it).
+      split: Omniglot's class split, "maml" (1100/100/423 characters, rotations as new
+        classes) or "lake" (background / evaluation alphabets).
+      image_size: side of the square images (omniglot 28; folder e.g. 84 for miniImageNet).
+      cache_dir: where decoded Omniglot arrays are cached (None: no cache).
       model_dir: where the run writes weights, logs, results and plots.
       inner_lr: α, step size of the inner SGD updates (on the mean support loss).
       outer_lr: β, Adam's learning rate for the meta-update.
@@ -39,11 +46,15 @@ class Config:
       filters: filters per conv4 layer.
       task_loop: "map" or "unroll", see `maml_tf.MAML`.
       baseline: also train and evaluate the paper's pretrained baseline (sinusoid).
+      checkpoint: which weights meta-testing uses: "best" (best validation score) or "final".
       verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
     """
 
     dataset: str = "sinusoid"
     data_dir: str | None = None
+    split: str = "maml"
+    image_size: int | None = None
+    cache_dir: str | None = None
     model_dir: str = "runs/sinusoid"
     inner_lr: float | None = None
     outer_lr: float | None = None
@@ -65,6 +76,7 @@ class Config:
     filters: int | None = None
     task_loop: str | None = None
     baseline: bool = True
+    checkpoint: str = "best"
     verbose: int = 1
 
     def resolve(self):
@@ -91,6 +103,16 @@ class Config:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
+    def classification(self):
+        return self.dataset != "sinusoid"
+
+    @property
+    def image_shape(self):
+        """(height, width, channels) of one image: Omniglot is grayscale, folders RGB."""
+        channels = 1 if self.dataset == "omniglot" else 3
+        return (self.image_size, self.image_size, channels)
+
+    @property
     def config_path(self):
         return os.path.join(self.model_dir, "config.json")
 
@@ -114,11 +136,12 @@ def _sinusoid_defaults(config):
     }
 
 
-def _image_defaults(config):
+def _omniglot_defaults(config):
     """The paper's Omniglot settings (original code's flags, on our mean-loss convention).
 
-    The original code's loss is the cross-entropy summed over the support set and divided by K,
-    i.e. N times our mean, so its α = 0.4 (5-way) and α = 0.1 (20-way) are α = 2.0 here.
+    The original code's loss is the cross-entropy summed over the set and divided by K, i.e.
+    N times our mean, so its α = 0.4 (5-way) and α = 0.1 (20-way) are α = 2.0 here. Its query
+    sets had K examples per class, as here by default.
     """
     n_way = config.n_way or 5
     k_shot = config.k_shot or 1
@@ -138,12 +161,35 @@ def _image_defaults(config):
         "learner": "conv4",
         "conv_variant": "strided",
         "filters": 64,
+        "image_size": 28,
+        "task_loop": "map",
+    }
+
+
+def _folder_defaults(config):
+    """The paper's miniImageNet settings: α 0.01 on a loss N times our mean is 0.05 here."""
+    return {
+        "inner_lr": 0.05,
+        "outer_lr": 1e-3,
+        "inner_steps": 5,
+        "eval_inner_steps": 10,
+        "meta_batch_size": 4,
+        "n_way": 5,
+        "k_shot": 1,
+        "n_query": 15,
+        "train_steps": 60000,
+        "steps_per_epoch": 1000,
+        "val_tasks": 600,
+        "learner": "conv4",
+        "conv_variant": "maxpool",
+        "filters": 32,
+        "image_size": 84,
         "task_loop": "map",
     }
 
 
 DATASET_DEFAULTS = {
     "sinusoid": _sinusoid_defaults,
-    "omniglot": _image_defaults,
-    "folder": _image_defaults,
+    "omniglot": _omniglot_defaults,
+    "folder": _folder_defaults,
 }

@@ -90,12 +90,13 @@ def result_to_dict(result):
     }
 
 
-def format_table(columns):
+def format_table(columns, digits=4):
     """A plain-text table of adaptation curves.
 
     Args:
       columns: ordered mapping from a column title to (mean, ci) arrays of equal length
         (one row per inner step).
+      digits: decimals shown.
 
     Returns:
       The table as a string, one row per inner step, cells as `mean ± ci`.
@@ -103,7 +104,8 @@ def format_table(columns):
     titles = list(columns)
     rows = len(next(iter(columns.values()))[0])
     cells = [
-        [f"{columns[t][0][i]:.4f} ± {columns[t][1][i]:.4f}" for t in titles] for i in range(rows)
+        [f"{columns[t][0][i]:.{digits}f} ± {columns[t][1][i]:.{digits}f}" for t in titles]
+        for i in range(rows)
     ]
     width = max([len(t) for t in titles] + [len(c) for row in cells for c in row])
     lines = ["step  " + "  ".join(t.rjust(width) for t in titles)]

@@ -1,6 +1,7 @@
 """Meta-training and meta-testing runs: what `python main.py` does, callable from tests too."""
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -14,17 +15,29 @@ from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
 
-LEARNER_WEIGHTS = "learner.weights.h5"
+FINAL_WEIGHTS = "learner.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
 BASELINE_WEIGHTS = "baseline.weights.h5"
 RESULTS = "results.json"
 EVAL_RESULTS = "eval_results.json"
 # Step sizes tried for fine-tuning the pretrained baseline at test time; the paper tuned the
 # baseline's step size automatically, here the best on the validation tasks is kept.
 BASELINE_INNER_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+# Normalisation at meta-test time, as in the paper's code: TaskNormalization always uses the
+# statistics of the set it is applied to (support or query set of one task).
+NORMALISATION = "batch statistics of each set (transductive, as the original MAML code)"
 
 RunResult = collections.namedtuple(
     "RunResult",
-    ["config", "test", "baseline_test", "baseline_inner_lr", "train_seconds", "figure_path"],
+    [
+        "config",
+        "test",
+        "baseline_test",
+        "baseline_inner_lr",
+        "train_seconds",
+        "figure_path",
+        "protocol",
+    ],
 )
 RunResult.__doc__ = """What a run measured.
 
@@ -35,6 +48,8 @@ Attributes:
   baseline_inner_lr: the baseline's fine-tuning step size chosen on the validation tasks.
   train_seconds: wall time of meta-training (None when only evaluating).
   figure_path: the sinusoid fit plot, or None.
+  protocol: dict with everything that defines the meta-test (split, ways, shots, query size,
+    tasks, inner steps, α, normalisation, seed, weights used).
 """
 
 
@@ -52,7 +67,7 @@ def build_learner(config):
     raise UserError(f"--learner={config.learner}: unknown learner")
 
 
-def build_model(config, learner, inner_lr=None, inner_steps=None, task_loop=None):
+def build_model(config, learner, inner_lr=None, inner_steps=None):
     """Wraps `learner` in `MAML` with the config's hyperparameters (overrides for baselines)."""
     return MAML(
         learner,
@@ -60,17 +75,19 @@ def build_model(config, learner, inner_lr=None, inner_steps=None, task_loop=None
         inner_steps=config.inner_steps if inner_steps is None else inner_steps,
         eval_inner_steps=config.eval_inner_steps,
         first_order=config.first_order,
-        loss="mse" if config.dataset == "sinusoid" else "sparse_categorical_crossentropy",
-        task_loop=task_loop or config.task_loop,
+        loss="sparse_categorical_crossentropy" if config.classification else "mse",
+        task_loop=config.task_loop,
     )
 
 
-def _evaluator(config, model, inner_lr):
-    """A view of `model`'s learner that fine-tunes with another step size (the baseline's)."""
-    return build_model(config, model.learner, inner_lr=inner_lr)
+def _monitor(config):
+    """The validation score that picks the best checkpoint: (Keras log name, mode)."""
+    if config.classification:
+        return "val_query_accuracy", "max"
+    return "val_query_loss", "min"
 
 
-def _fit(config, model, datasets, log_dir):
+def _fit(config, model, datasets, log_dir, best_path=None):
     steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
     if config.train_steps % steps_per_epoch:
         raise UserError(
@@ -79,6 +96,13 @@ def _fit(config, model, datasets, log_dir):
         )
     model.compile(optimizer=keras.optimizers.Adam(config.outer_lr))
     callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
+    if best_path:
+        monitor, mode = _monitor(config)
+        callbacks.append(
+            keras.callbacks.ModelCheckpoint(
+                best_path, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True
+            )
+        )
     return model.fit(
         datasets.train,
         epochs=config.train_steps // steps_per_epoch,
@@ -93,7 +117,7 @@ def _fit(config, model, datasets, log_dir):
 def _tune_baseline_lr(config, baseline, val):
     best = None
     for inner_lr in BASELINE_INNER_LRS:
-        result = evaluation.evaluate(_evaluator(config, baseline, inner_lr), val)
+        result = evaluation.evaluate(build_model(config, baseline.learner, inner_lr), val)
         final = float(result.loss_mean[-1])
         logging.info("baseline fine-tuning α=%g: validation loss %.4f", inner_lr, final)
         if math.isfinite(final) and (best is None or final < best[1]):
@@ -110,10 +134,34 @@ def _train_baseline(config, datasets):
     _fit(config, baseline, datasets, os.path.join(config.model_dir, "logs", "baseline"))
     baseline.learner.save_weights(os.path.join(config.model_dir, BASELINE_WEIGHTS))
     inner_lr = _tune_baseline_lr(config, baseline, datasets.val)
-    return _evaluator(config, baseline, inner_lr), inner_lr
+    return build_model(config, baseline.learner, inner_lr), inner_lr
+
+
+def _load_weights(config, model):
+    """Loads the weights `config.checkpoint` names; returns which file was used."""
+    best = os.path.join(config.model_dir, BEST_WEIGHTS)
+    if config.checkpoint == "best" and os.path.exists(best):
+        model.load_weights(best)
+        return BEST_WEIGHTS
+    final = os.path.join(config.model_dir, FINAL_WEIGHTS)
+    if not os.path.exists(final):
+        raise UserError(f"--model_dir={config.model_dir}: no weights ({final} is missing)")
+    model.learner.load_weights(final)
+    return FINAL_WEIGHTS
 
 
 def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, results_name):
+    protocol = {
+        **datasets.protocol,
+        "dataset": config.dataset,
+        "test_tasks": config.test_tasks,
+        "eval_seed": config.eval_seed,
+        "eval_inner_steps": config.eval_inner_steps,
+        "inner_lr": config.inner_lr,
+        "normalisation": NORMALISATION if config.learner == "conv4" else "none",
+        "weights": _load_weights(config, model),
+        "confidence_interval": "95%, 1.96 * sample std / sqrt(tasks)",
+    }
     test = evaluation.evaluate(model, datasets.test)
     baseline_test = figure_path = None
     if baseline is not None:
@@ -129,11 +177,14 @@ def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr,
             panels,
             steps=sorted({0, 1, config.eval_inner_steps}),
         )
-    result = RunResult(config, test, baseline_test, baseline_inner_lr, train_seconds, figure_path)
+    result = RunResult(
+        config, test, baseline_test, baseline_inner_lr, train_seconds, figure_path, protocol
+    )
     with open(os.path.join(config.model_dir, results_name), "w") as f:
         json.dump(
             {
-                "config": json.loads(config.to_json()),
+                "config": dataclasses.asdict(config),
+                "protocol": protocol,
                 "train_seconds": train_seconds,
                 "test": evaluation.result_to_dict(test),
                 "baseline_test": baseline_test and evaluation.result_to_dict(baseline_test),
@@ -148,25 +199,35 @@ def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr,
 def train(config):
     """Meta-trains, saves the learner's weights, then meta-tests (and the baseline, if asked).
 
-    Writes under `config.model_dir`: `config.json`, `learner.weights.h5`, TensorBoard logs in
-    `logs/`, `results.json` and, for sinusoid, `sinusoid_fit.png`.
+    Writes under `config.model_dir`: `config.json`, `learner.weights.h5` (final θ),
+    `best.weights.h5` (best validation score), TensorBoard logs in `logs/`, `results.json` and,
+    for sinusoid, `sinusoid_fit.png`.
 
     Args:
       config: a `Config` (resolved here).
 
     Returns:
       `RunResult`.
+
+    Raises:
+      UserError: bad data or flag combinations.
     """
     config = config.resolve()
+    datasets = build_datasets(config)
     os.makedirs(config.model_dir, exist_ok=True)
     config.save(config.config_path)
     keras.utils.set_random_seed(config.seed)
-    datasets = build_datasets(config)
     model = build_model(config, build_learner(config))
     start = time.perf_counter()
-    _fit(config, model, datasets, os.path.join(config.model_dir, "logs"))
+    _fit(
+        config,
+        model,
+        datasets,
+        os.path.join(config.model_dir, "logs"),
+        best_path=os.path.join(config.model_dir, BEST_WEIGHTS),
+    )
     train_seconds = time.perf_counter() - start
-    model.learner.save_weights(os.path.join(config.model_dir, LEARNER_WEIGHTS))
+    model.learner.save_weights(os.path.join(config.model_dir, FINAL_WEIGHTS))
     logging.info("meta-training took %.1f s", train_seconds)
 
     baseline = baseline_inner_lr = None
@@ -175,31 +236,43 @@ def train(config):
     return _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, RESULTS)
 
 
+# Fields of a Config that may differ between training and a later meta-test of the same run.
+EVAL_OVERRIDES = (
+    "data_dir",
+    "cache_dir",
+    "test_tasks",
+    "eval_seed",
+    "eval_inner_steps",
+    "n_query",
+    "checkpoint",
+    "verbose",
+)
+
+
 def evaluate(config):
     """Meta-tests the run saved in `config.model_dir` (its saved config decides the model).
 
     Args:
-      config: a `Config`; its `model_dir` must hold a finished run. Its protocol fields
-        (`test_tasks`, `eval_seed`, `eval_inner_steps`) override the saved ones when set.
+      config: a `Config`; its `model_dir` must hold a trained run. Its protocol fields
+        (`EVAL_OVERRIDES`) replace the saved ones where they are set.
 
     Returns:
       `RunResult` with `train_seconds` None; also written to `eval_results.json` (the training
       run's `results.json` is left as it was).
+
+    Raises:
+      UserError: no run in `model_dir`, or bad data.
     """
     path = config.config_path
     if not os.path.exists(path):
         raise UserError(f"--model_dir={config.model_dir}: no trained run here ({path} is missing)")
     saved = config.load(path)
     overrides = {
-        "test_tasks": config.test_tasks,
-        "eval_seed": config.eval_seed,
-        "eval_inner_steps": config.eval_inner_steps or saved.eval_inner_steps,
-        "verbose": config.verbose,
+        name: getattr(config, name) for name in EVAL_OVERRIDES if getattr(config, name) is not None
     }
-    saved = saved.__class__(**{**saved.__dict__, **overrides}).resolve()
+    saved = dataclasses.replace(saved, model_dir=config.model_dir, **overrides).resolve()
     datasets = build_datasets(saved)
     model = build_model(saved, build_learner(saved))
-    model.learner.load_weights(os.path.join(saved.model_dir, LEARNER_WEIGHTS))
     baseline = baseline_inner_lr = None
     results_path = os.path.join(saved.model_dir, RESULTS)
     baseline_path = os.path.join(saved.model_dir, BASELINE_WEIGHTS)
@@ -215,27 +288,27 @@ def evaluate(config):
 def summary(result):
     """The text `main.py` prints at the end of a run: the adaptation table and the files."""
     config = result.config
-    metric = "MSE" if config.dataset == "sinusoid" else "accuracy"
+    metric = "accuracy (%)" if config.classification else "MSE"
     columns = {}
 
     def add(title, test):
-        if metric == "MSE":
-            columns[title] = (test.loss_mean, test.loss_ci)
+        if config.classification:
+            columns[title] = (100 * test.accuracy_mean, 100 * test.accuracy_ci)
         else:
-            columns[title] = (test.accuracy_mean, test.accuracy_ci)
+            columns[title] = (test.loss_mean, test.loss_ci)
 
     add(f"MAML query {metric}", result.test)
     if result.baseline_test is not None:
         add(f"pretrained (α={result.baseline_inner_lr}) {metric}", result.baseline_test)
+    if config.classification:
+        task = f"{config.n_way}-way {config.k_shot}-shot, {config.n_query} queries per class"
+    else:
+        task = f"K={config.k_shot}, {config.n_query} query points"
     lines = [
-        f"Meta-test on {result.test.num_tasks} fixed tasks ({config.dataset}, "
-        + (
-            f"K={config.k_shot}"
-            if config.dataset == "sinusoid"
-            else f"{config.n_way}-way {config.k_shot}-shot, {config.n_query} queries per class"
-        )
-        + f", α={config.inner_lr}), mean ± 95% CI after each inner step:",
-        evaluation.format_table(columns),
+        f"Meta-test on {result.test.num_tasks} fixed tasks ({config.dataset}, {task}, "
+        f"α={config.inner_lr}, weights {result.protocol['weights']}), "
+        "mean ± 95% CI after each inner step:",
+        evaluation.format_table(columns, digits=2 if config.classification else 4),
     ]
     if result.train_seconds is not None:
         lines.append(f"meta-training: {config.train_steps} steps in {result.train_seconds:.0f} s")

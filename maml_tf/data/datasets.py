@@ -2,16 +2,93 @@
 
 import collections
 
-from maml_tf.data import sinusoid
+from absl import logging
 
-Datasets = collections.namedtuple("Datasets", ["train", "val", "test"])
+from maml_tf.data import episodes, folder, omniglot, sinusoid
+from maml_tf.errors import UserError
+
+Datasets = collections.namedtuple("Datasets", ["train", "val", "test", "protocol"])
 Datasets.__doc__ = """Episode pipelines of one run.
 
 Attributes:
   train: endless `tf.data.Dataset` of meta-batches (static meta-batch size).
   val: the fixed validation tasks, finite.
   test: the fixed meta-test tasks, finite.
+  protocol: dict describing the data side of the protocol (split, class counts, query size),
+    written next to the results.
 """
+
+
+def _sinusoid(config):
+    def tasks(split, seed, num_tasks, drop_remainder):
+        return sinusoid.task_dataset(
+            config.k_shot,
+            config.n_query,
+            config.meta_batch_size,
+            seed,
+            split=split,
+            num_tasks=num_tasks,
+            drop_remainder=drop_remainder,
+        )
+
+    protocol = {"k_shot": config.k_shot, "n_query": config.n_query}
+    return Datasets(
+        train=tasks("train", config.seed, None, True),
+        val=tasks("val", config.eval_seed, config.val_tasks, False),
+        test=tasks("test", config.eval_seed, config.test_tasks, False),
+        protocol=protocol,
+    )
+
+
+def load_splits(config):
+    """The meta-train/validation/test classes of an image data set (`episodes.Splits`)."""
+    if config.dataset == "omniglot":
+        if config.data_dir:
+            data = omniglot.load_omniglot(
+                config.data_dir, config.cache_dir, image_size=config.image_size
+            )
+        else:
+            logging.info("no --data_dir: loading Omniglot through TFDS")
+            data = omniglot.load_omniglot_tfds(image_size=config.image_size)
+        return omniglot.omniglot_splits(data, config.split)
+    if not config.data_dir:
+        raise UserError("--dataset=folder needs --data_dir=DIR with DIR/{train,val,test}/<class>/")
+    return folder.load_image_folder(config.data_dir, config.image_size, channels=3)
+
+
+def _images(config):
+    splits = load_splits(config)
+    episodes.check_episode_shape(splits, config.n_way, config.k_shot, config.n_query)
+
+    def tasks(split_name, seed, num_tasks, drop_remainder):
+        split = getattr(splits, split_name)
+        return episodes.episode_dataset(
+            split.images,
+            config.n_way,
+            config.k_shot,
+            config.n_query,
+            config.meta_batch_size,
+            seed,
+            num_tasks=num_tasks,
+            drop_remainder=drop_remainder,
+            counts=split.counts,
+            split_name=split_name,
+        )
+
+    protocol = {
+        "split": config.split if config.dataset == "omniglot" else "folder train/val/test",
+        "classes": {name: int(getattr(splits, name).images.shape[0]) for name in splits._fields},
+        "n_way": config.n_way,
+        "k_shot": config.k_shot,
+        "n_query": config.n_query,
+        "image_size": config.image_size,
+    }
+    return Datasets(
+        train=tasks("train", config.seed, None, True),
+        val=tasks("val", config.eval_seed, config.val_tasks, False),
+        test=tasks("test", config.eval_seed, config.test_tasks, False),
+        protocol=protocol,
+    )
 
 
 def build_datasets(config):
@@ -22,23 +99,10 @@ def build_datasets(config):
 
     Returns:
       `Datasets`.
+
+    Raises:
+      UserError: the data cannot be found or read, or is too small for the episodes asked for.
     """
     if config.dataset == "sinusoid":
-
-        def tasks(split, seed, num_tasks, drop_remainder):
-            return sinusoid.task_dataset(
-                config.k_shot,
-                config.n_query,
-                config.meta_batch_size,
-                seed,
-                split=split,
-                num_tasks=num_tasks,
-                drop_remainder=drop_remainder,
-            )
-
-        return Datasets(
-            train=tasks("train", config.seed, None, True),
-            val=tasks("val", config.eval_seed, config.val_tasks, False),
-            test=tasks("test", config.eval_seed, config.test_tasks, False),
-        )
-    raise NotImplementedError(f"dataset {config.dataset!r}")
+        return _sinusoid(config)
+    return _images(config)
