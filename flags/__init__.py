@@ -7,7 +7,7 @@ and passes the resulting frozen `Config` on. Symbols follow Finn et al. (2017), 
 
 from absl import flags
 
-from maml_tf.config import CHECKPOINTS, DATASETS, MODES, OMNIGLOT_SPLITS, Config
+from maml_tf.config import CHECKPOINTS, DATASETS, MODES, OMNIGLOT_SPLITS, TASK_LOOPS, Config
 
 # Fields of Config that have a flag of the same name.
 _CONFIG_FLAGS = (
@@ -200,9 +200,11 @@ def define_flags(flag_values=flags.FLAGS):
         "enum",
         "task_loop",
         None,
-        "How the tasks of a meta-batch run: map (tf.map_fn, quick "
-        "to trace) or unroll (one graph per task). Default by data set.",
-        enum_values=["map", "unroll"],
+        "How the tasks of a meta-batch run in training: batched (all tasks in one pass with "
+        "per-task weights: grouped convolutions, batched matmuls; the fastest), map "
+        "(tf.map_fn), unroll (one graph per task), or auto (batched where the learner allows, "
+        "else map). All give the same meta-gradient up to float rounding. Default by data set.",
+        enum_values=list(TASK_LOOPS),
     )
     define(
         "bool",

@@ -11,6 +11,8 @@ DATASETS = ("sinusoid", "omniglot", "folder")
 MODES = ("train", "eval")
 OMNIGLOT_SPLITS = ("maml", "lake")
 CHECKPOINTS = ("best", "final")
+# Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
+TASK_LOOPS = ("auto", "batched", "map", "unroll")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Config:
       learner: "mlp" or "conv4".
       conv_variant: "strided" or "maxpool" (conv4 only).
       filters: filters per conv4 layer.
-      task_loop: "map" or "unroll", see `maml_tf.MAML`.
+      task_loop: "auto", "batched", "map" or "unroll", see `maml_tf.MAML`.
       baseline: also train and evaluate the paper's pretrained baseline (sinusoid).
       checkpoint: which weights meta-testing uses: "best" (best validation score) or "final".
       verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
@@ -162,7 +164,7 @@ def _omniglot_defaults(config):
         "conv_variant": "strided",
         "filters": 64,
         "image_size": 28,
-        "task_loop": "map",
+        "task_loop": "auto",
     }
 
 
@@ -184,7 +186,7 @@ def _folder_defaults(config):
         "conv_variant": "maxpool",
         "filters": 32,
         "image_size": 84,
-        "task_loop": "map",
+        "task_loop": "auto",
     }
 
 

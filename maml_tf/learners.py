@@ -129,8 +129,16 @@ def conv4(
     for i in range(blocks):
         strides = 2 if variant == "strided" else 1
         layers += [
+            # No bias: the normalisation subtracts each channel's mean, which cancels a bias
+            # exactly (its gradient is zero); beta is the offset.
             keras.layers.Conv2D(
-                filters, 3, strides=strides, padding="same", dtype=dtype, name=f"conv{i}"
+                filters,
+                3,
+                strides=strides,
+                padding="same",
+                use_bias=False,
+                dtype=dtype,
+                name=f"conv{i}",
             ),
             TaskNormalization(dtype=dtype, name=f"norm{i}"),
             keras.layers.ReLU(dtype=dtype, name=f"relu{i}"),

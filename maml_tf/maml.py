@@ -17,8 +17,10 @@ import collections
 import keras
 import tensorflow as tf
 
+from maml_tf import batched
+from maml_tf.config import TASK_LOOPS
+
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
-TASK_LOOPS = ("map", "unroll")
 
 TaskResults = collections.namedtuple(
     "TaskResults", ["support_loss", "query_losses", "query_accuracies"]
@@ -101,10 +103,13 @@ class MAML(keras.Model):
       loss: "mse", "sparse_categorical_crossentropy" (from logits), or a callable
         `loss(y_true, y_pred) -> scalar` (mean over the set).
       classification: report accuracy; inferred from `loss` when it is a name.
-      task_loop: how `train_step` runs the B tasks of a meta-batch: "map" (`tf.map_fn`, one
-        traced task body: fast to trace) or "unroll" (a Python loop: one graph per task, lets
-        the cores run tasks in parallel; slower to trace for large B and many steps).
-        Evaluation always uses "map".
+      task_loop: how `train_step` runs the B tasks of a meta-batch: "batched" (all tasks in
+        one pass with per-task weights: grouped convolutions, batched matmuls; see
+        `maml_tf.batched`, for Sequential learners of common layers and the named losses),
+        "map" (`tf.map_fn`, one traced task body: fast to trace), "unroll" (a Python loop:
+        one graph per task; slow to trace for large B and many steps), or "auto" (batched
+        where supported, else map). Evaluation always uses "map". All give the same
+        meta-gradient up to float rounding.
       parallel_iterations: tasks `tf.map_fn` may run at once.
 
     Raises:
@@ -129,7 +134,7 @@ class MAML(keras.Model):
         first_order=False,
         loss="mse",
         classification=None,
-        task_loop="map",
+        task_loop="auto",
         parallel_iterations=2,
         **kwargs,
     ):
@@ -156,6 +161,13 @@ class MAML(keras.Model):
             raise ValueError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}")
         if task_loop not in TASK_LOOPS:
             raise ValueError(f"task_loop must be one of {TASK_LOOPS}, got {task_loop!r}")
+        why_not_batched = batched.unsupported_layers(learner)
+        if not isinstance(loss, str):
+            why_not_batched.append("a custom loss")
+        if task_loop == "batched" and why_not_batched:
+            raise ValueError(f"task_loop='batched' cannot run this learner: {why_not_batched}")
+        if task_loop == "auto":
+            task_loop = "map" if why_not_batched else "batched"
 
         if isinstance(loss, str):
             if loss not in LOSSES:
@@ -177,6 +189,7 @@ class MAML(keras.Model):
         self.task_loop = task_loop
         self.parallel_iterations = int(parallel_iterations)
         self.compute_dtype_ = learner.trainable_variables[0].dtype
+        self._batched = None if why_not_batched else batched.BatchedLearner(learner)
 
         self.query_loss_tracker = keras.metrics.Mean(name="query_loss")
         self.support_loss_tracker = keras.metrics.Mean(name="support_loss")
@@ -308,7 +321,10 @@ class MAML(keras.Model):
         def run(task):
             return self._one_task(theta, task, steps, first_order, every_step)
 
-        if (task_loop or self.task_loop) == "unroll":
+        task_loop = task_loop or self.task_loop
+        if task_loop == "batched":
+            return self._batched_task_results(theta, tasks, steps, first_order, every_step)
+        if task_loop == "unroll":
             batch = tasks[0].shape[0]
             if batch is None:
                 raise ValueError("task_loop='unroll' needs a static meta-batch size")
@@ -331,6 +347,52 @@ class MAML(keras.Model):
                 parallel_iterations=self.parallel_iterations,
             )
         return TaskResults(support_loss, query_losses, query_accs if self.classification else None)
+
+    def _batched_task_results(self, theta, tasks, steps, first_order, every_step):
+        """`task_results` for all B tasks at once, with fast weights shaped [B, ...]."""
+        support_x, support_y, query_x, query_y = tasks
+        size = support_x.shape[0]
+        if self._batched is None:
+            raise ValueError("task_loop='batched' is not available for this learner or loss")
+        if size is None:
+            raise ValueError("task_loop='batched' needs a static meta-batch size")
+        loss_fn = batched.LOSSES[self.loss_name]
+        weights = [tf.broadcast_to(t[None], [size, *t.shape]) for t in theta]
+        query_losses, query_accuracies = [], []
+
+        def evaluate_query():
+            outputs = self._batched(weights, tf.cast(query_x, self.compute_dtype_))
+            query_losses.append(loss_fn(query_y, outputs))
+            if self.classification:
+                query_accuracies.append(batched.accuracy(query_y, outputs))
+
+        alpha = tf.constant(self.inner_lr, dtype=self.compute_dtype_)
+        support_x = tf.cast(support_x, self.compute_dtype_)
+        support_loss = None
+        for step in range(steps):
+            if every_step:
+                evaluate_query()
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                losses = loss_fn(support_y, self._batched(weights, support_x))
+                # Tasks are independent: the gradient of the sum is each task's own gradient.
+                total = tf.reduce_sum(losses)
+            grads = tape.gradient(
+                total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            if first_order:
+                grads = [tf.stop_gradient(g) for g in grads]
+            weights = [w - alpha * g for w, g in zip(weights, grads, strict=True)]
+            if step == 0:
+                support_loss = losses
+        if support_loss is None:
+            support_loss = loss_fn(support_y, self._batched(weights, support_x))
+        evaluate_query()
+        return TaskResults(
+            support_loss,
+            tf.stack(query_losses, axis=1),
+            tf.stack(query_accuracies, axis=1) if self.classification else None,
+        )
 
     def meta_loss(self, episodes, theta=None):
         """Σ_i L_query(θ'_i) / B: the objective whose θ-gradient the meta-update applies."""

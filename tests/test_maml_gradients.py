@@ -155,6 +155,11 @@ CASES = {
         ("conv_maxpool", 2, "map"),
         ("conv_strided", 2, "map"),
         ("conv_strided", 2, "unroll"),
+        # The task-batched path; in float64 its convolutions run per task (no float64 gradient
+        # kernels for grouped convolutions on CPU): the grouped form is checked further down.
+        ("mlp", 3, "batched"),
+        ("conv_maxpool", 2, "batched"),
+        ("conv_strided", 2, "batched"),
     ],
 )
 def test_second_order_meta_gradient_matches_finite_differences(case, steps, task_loop):
@@ -218,3 +223,59 @@ def test_map_and_unroll_task_loops_give_the_same_meta_gradient():
         MAML(learner, INNER_LR, 2, loss=loss_name, task_loop="unroll"), episodes
     )
     np.testing.assert_allclose(mapped, unrolled, rtol=1e-10, atol=1e-13)
+
+
+# Float32 checks of the task-batched path against the plain per-task one, at the real network
+# sizes: each variable's largest difference relative to its largest gradient entry.
+FLOAT32_TOLERANCE = 1e-4
+
+
+def omniglot_like_episodes(seed, tasks, n_way, n_query):
+    rng = np.random.default_rng(seed)
+    return {
+        "support_x": tf.constant(rng.uniform(size=(tasks, n_way, 28, 28, 1)), tf.float32),
+        "support_y": tf.constant(np.tile(np.arange(n_way), (tasks, 1)), tf.int32),
+        "query_x": tf.constant(rng.uniform(size=(tasks, n_way * n_query, 28, 28, 1)), tf.float32),
+        "query_y": tf.constant(np.tile(np.arange(n_way).repeat(n_query), (tasks, 1)), tf.int32),
+    }
+
+
+@pytest.mark.parametrize(
+    "variant,grouped,steps,first_order",
+    [
+        ("strided", True, 2, False),
+        ("strided", True, 2, True),
+        ("maxpool", False, 2, False),
+    ],
+)
+def test_batched_path_matches_the_per_task_path_in_float32(variant, grouped, steps, first_order):
+    keras.utils.set_random_seed(5)
+    learner = learners.conv4(5, variant=variant)
+    episodes = omniglot_like_episodes(0, tasks=4, n_way=5, n_query=2)
+
+    def meta_gradient(task_loop):
+        model = MAML(
+            learner,
+            2.0,
+            steps,
+            loss="sparse_categorical_crossentropy",
+            first_order=first_order,
+            task_loop=task_loop,
+        )
+        if task_loop == "batched":
+            assert model._batched.grouped_convolutions == grouped
+        grads = tf.function(model.compute_meta_gradients)(episodes)[0]
+        return np.concatenate([g.numpy().ravel() for g in grads])
+
+    plain, fast = meta_gradient("map"), meta_gradient("batched")
+    errors = relative_errors(learner, fast, plain)
+    assert max(errors.values()) <= FLOAT32_TOLERANCE, errors
+
+
+def test_auto_picks_the_batched_path_where_it_applies():
+    assert MAML(learners.conv4(5), 2.0, loss="sparse_categorical_crossentropy").task_loop == (
+        "batched"
+    )
+    assert MAML(learners.mlp(), 0.01, loss=lambda y, p: tf.reduce_mean((y - p) ** 2)).task_loop == (
+        "map"
+    )

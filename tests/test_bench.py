@@ -1,0 +1,180 @@
+"""Tests of maml_tf.bench: the analytic FLOP counts, the data it times on, and one tiny run."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from maml_tf import bench, learners, maml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NUMBER_FIELDS = (
+    "first_call_s",
+    "step_ms_median",
+    "step_ms_p10",
+    "step_ms_p25",
+    "step_ms_p75",
+    "step_ms_p90",
+    "step_ms_min",
+    "step_ms_max",
+    "peak_rss_mib",
+    "peak_rss_before_model_mib",
+    "flops_per_step",
+    "forward_flops_per_example",
+    "matmul_gflops",
+    "achieved_gflops",
+    "fraction_of_matmul_peak",
+    "cpu_count",
+    "traces",
+)
+OTHER_FIELDS = (
+    "config",
+    "task_loop",
+    "order",
+    "flops_formula",
+    "peak_rss_method",
+    "step_ms_all",
+    "warmup_ms",
+    "inter_op_threads",
+    "intra_op_threads",
+    "timestamp",
+    "tf_version",
+    "keras_version",
+)
+
+
+def tiny_conv_dense_learner():
+    return keras.Sequential(
+        [
+            keras.Input(shape=(6, 6, 2)),
+            keras.layers.Conv2D(3, 3, strides=2, padding="same"),  # -> 3x3x3
+            learners.TaskNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(4, 2, padding="valid"),  # -> 2x2x4
+            keras.layers.Flatten(),  # -> 16
+            keras.layers.Dense(5),
+        ]
+    )
+
+
+def test_forward_flops_of_a_tiny_conv_dense_learner_match_a_hand_count():
+    # conv0: 3*3 positions x 3 filters x (3*3 kernel x 2 channels) = 486 MACs;
+    # conv1: 2*2 positions x 4 filters x (2*2 x 3) = 192; dense: 16 x 5 = 80. 2 FLOPs per MAC.
+    per_example = 2 * (486 + 192 + 80)
+    learner = tiny_conv_dense_learner()
+    assert bench.forward_flops(learner, 1) == per_example
+    assert bench.forward_flops(learner, 7) == 7 * per_example
+
+
+def test_forward_flops_of_the_sinusoid_mlp_match_a_hand_count():
+    assert bench.forward_flops(learners.mlp(), 10) == 10 * 2 * (1 * 40 + 40 * 40 + 40 * 1)
+
+
+def test_forward_flops_of_the_strided_conv4_match_a_hand_count():
+    # 28 -> 14 -> 7 -> 4 -> 2 with stride 2 and "same" padding; then 64 -> 5 logits.
+    macs = 14 * 14 * 64 * 9 * 1 + (7 * 7 + 4 * 4 + 2 * 2) * 64 * 9 * 64 + 64 * 5
+    assert bench.forward_flops(learners.conv4(5), 1) == 2 * macs
+
+
+def test_forward_flops_refuses_layers_it_cannot_count():
+    learner = keras.Sequential(
+        [keras.Input(shape=(4, 4, 1)), keras.layers.Conv2DTranspose(2, 3), keras.layers.Flatten()]
+    )
+    with pytest.raises(ValueError, match="cannot count"):
+        bench.forward_flops(learner)
+
+
+def test_meta_step_flops_follow_the_documented_formula():
+    config = bench.config_by_name("sinusoid")  # B=25, k=1, s=q=10
+    forward = bench.forward_flops(learners.mlp(), 10)
+    flops, formula = bench.meta_step_flops(config, learners.mlp())
+    assert flops == 25 * (9 * 1 * forward + 3 * forward)
+    assert "B*(9k*F(s) + 3F(q))" in formula
+    first_order = dataclasses.replace(config, first_order=True)
+    flops, formula = bench.meta_step_flops(first_order, learners.mlp())
+    assert flops == 25 * (3 * 1 * forward + 3 * forward)
+    assert formula.startswith("first order")
+
+
+def test_config_names_and_first_order_variants():
+    assert bench.default_config_names() == ["P1", "P1-FO", "P2", "P3", "sinusoid"]
+    assert "P1-FO" not in bench.default_config_names("none")
+    assert "P3-FO" in bench.default_config_names("all")
+    p2_fo = bench.config_by_name("P2-FO")
+    assert p2_fo.first_order and p2_fo.inner_steps == bench.CONFIGS["P2"].inner_steps
+    with pytest.raises(ValueError, match="unknown"):
+        bench.config_by_name("P9")
+
+
+def test_default_task_loops_are_those_maml_accepts():
+    assert bench.default_task_loops() == tuple(maml.TASK_LOOPS)
+
+
+def test_random_episodes_have_the_real_shapes_and_class_major_labels():
+    config = bench.config_by_name("P3")  # 5-way 1-shot, 15 queries per class, B=32
+    episodes = bench.random_episodes(config)
+    assert episodes["support_x"].shape == (32, 5, 28, 28, 1)
+    assert episodes["query_x"].shape == (32, 75, 28, 28, 1)
+    np.testing.assert_array_equal(episodes["support_y"][3], np.arange(5))
+    np.testing.assert_array_equal(episodes["query_y"][0], np.repeat(np.arange(5), 15))
+    assert episodes["query_y"].dtype == np.int32
+    sinusoid = bench.random_episodes(bench.config_by_name("sinusoid"))
+    assert sinusoid["support_x"].shape == sinusoid["query_y"].shape == (25, 10, 1)
+
+
+def test_matmul_rate_is_positive():
+    assert bench.matmul_gflops(size=64, repeats=2, warmup=1) > 0
+
+
+def run_bench(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "maml_tf.bench", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_command_line_prints_one_json_line_with_every_field(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    result = run_bench(
+        "--configs=sinusoid",
+        "--task_loops=map",
+        "--steps=2",
+        "--warmup=1",
+        "--matmul_size=128",
+        "--matmul_repeats=2",
+        f"--output={output}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert output.read_text().strip() == lines[0]
+    for field in NUMBER_FIELDS + OTHER_FIELDS:
+        assert field in record, field
+    for field in NUMBER_FIELDS:
+        assert record[field] > 0, field
+    assert (record["config"], record["task_loop"], record["order"]) == ("sinusoid", "map", "second")
+    assert len(record["step_ms_all"]) == 2
+    assert record["flops_per_step"] == 25 * 12 * bench.forward_flops(learners.mlp(), 10)
+
+
+def test_a_failing_configuration_gives_an_error_line_and_exit_status_1():
+    result = run_bench("--configs=sinusoid", "--task_loops=no_such_loop", "--steps=1")
+    assert result.returncode == 1
+    record = json.loads(result.stdout.strip())
+    assert record["config"] == "sinusoid" and "task_loop must be one of" in record["error"]
+
+
+def test_an_unknown_configuration_is_a_usage_error():
+    result = run_bench("--configs=P9")
+    assert result.returncode != 0 and not result.stdout
+    assert "unknown bench configuration 'P9'" in result.stderr
