@@ -17,7 +17,8 @@ callbacks and the progress bar are left out. The data are random tensors of the 
 
 A record's fields:
 
-- `config`, `task_loop`, `order` ("second" or "first"), and the configuration's hyperparameters;
+- `config`, `task_loop` (as requested), `task_loop_resolved` (what `MAML` runs: "auto" becomes
+  another loop), `order` ("second" or "first"), and the configuration's hyperparameters;
 - `first_call_s`: the first call of the train function, i.e. tracing, graph optimisation and
   the first meta-step; `trace_s_estimate` is that minus the median step; `traces`: how often
   `train_step` was traced (2 with a fresh optimizer: the first trace creates Adam's variables
@@ -548,6 +549,8 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
     record = {
         "config": config.name,
         "task_loop": task_loop,
+        # What MAML made of it ("auto" picks another loop in the constructor).
+        "task_loop_resolved": model.task_loop,
         "order": config.order,
         "description": config.description,
         "learner": learner.name,

@@ -36,6 +36,7 @@ NUMBER_FIELDS = (
 OTHER_FIELDS = (
     "config",
     "task_loop",
+    "task_loop_resolved",
     "order",
     "flops_formula",
     "peak_rss_method",
