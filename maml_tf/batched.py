@@ -90,6 +90,11 @@ def unsupported_layers(learner):
     return bad
 
 
+def grouped_by_default(learner):
+    """Whether convolutions of this learner run grouped by default: not if it max-pools."""
+    return not any(isinstance(layer, keras.layers.MaxPooling2D) for layer in learner.layers)
+
+
 def _elementwise(activation):
     return getattr(activation, "__name__", "") != "softmax"
 
@@ -113,9 +118,7 @@ class BatchedLearner:
             # picks another maximum where two are within rounding, and the meta-gradient moves
             # by up to ~1e-3 (relative) against the per-task path. Without max-pooling the two
             # agree to ~1e-6, so only then is the faster grouped form the default.
-            grouped_convolutions = not any(
-                isinstance(layer, keras.layers.MaxPooling2D) for layer in learner.layers
-            )
+            grouped_convolutions = grouped_by_default(learner)
         self.grouped_convolutions = bool(grouped_convolutions)
         bad = unsupported_layers(learner)
         if bad:

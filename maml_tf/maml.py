@@ -108,8 +108,8 @@ class MAML(keras.Model):
         `maml_tf.batched`, for Sequential learners of common layers and the named losses),
         "map" (`tf.map_fn`, one traced task body: fast to trace), "unroll" (a Python loop:
         one graph per task; slow to trace for large B and many steps), or "auto" (batched
-        where supported, else map). Evaluation always uses "map". All give the same
-        meta-gradient up to float rounding.
+        where it runs grouped convolutions or no convolutions, else map). Evaluation always
+        uses "map". All give the same meta-gradient up to float rounding.
       parallel_iterations: tasks `tf.map_fn` may run at once.
 
     Raises:
@@ -167,7 +167,10 @@ class MAML(keras.Model):
         if task_loop == "batched" and why_not_batched:
             raise ValueError(f"task_loop='batched' cannot run this learner: {why_not_batched}")
         if task_loop == "auto":
-            task_loop = "map" if why_not_batched else "batched"
+            # Batched with one convolution per task (learners that max-pool, see
+            # maml_tf.batched) is no faster than map and needs more memory.
+            fast = not why_not_batched and batched.grouped_by_default(learner)
+            task_loop = "batched" if fast else "map"
 
         if isinstance(loss, str):
             if loss not in LOSSES:
@@ -420,6 +423,9 @@ class MAML(keras.Model):
         second derivative of max-pooling is approximate.
         """
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        # Creating Adam's slots now, not inside the first trace, saves a second trace of the
+        # whole meta-step.
+        self.optimizer.build(self.learner.trainable_variables)
 
     @property
     def metrics(self):

@@ -236,13 +236,15 @@ def train(config):
     return _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, RESULTS)
 
 
-# Fields of a Config that may differ between training and a later meta-test of the same run.
+# Fields of a Config that may differ between training and a later meta-test of the same run
+# (meta-testing with another shot count than training is a common protocol).
 EVAL_OVERRIDES = (
     "data_dir",
     "cache_dir",
     "test_tasks",
     "eval_seed",
     "eval_inner_steps",
+    "k_shot",
     "n_query",
     "checkpoint",
     "verbose",

@@ -272,10 +272,15 @@ def test_batched_path_matches_the_per_task_path_in_float32(variant, grouped, ste
     assert max(errors.values()) <= FLOAT32_TOLERANCE, errors
 
 
-def test_auto_picks_the_batched_path_where_it_applies():
-    assert MAML(learners.conv4(5), 2.0, loss="sparse_categorical_crossentropy").task_loop == (
-        "batched"
-    )
-    assert MAML(learners.mlp(), 0.01, loss=lambda y, p: tf.reduce_mean((y - p) ** 2)).task_loop == (
-        "map"
-    )
+@pytest.mark.parametrize(
+    "learner,loss,expected",
+    [
+        (lambda: learners.conv4(5), "sparse_categorical_crossentropy", "batched"),
+        (lambda: learners.mlp(), "mse", "batched"),
+        # Max-pooling learners run per-task convolutions when batched: map is as fast.
+        (lambda: learners.conv4(5, variant="maxpool"), "sparse_categorical_crossentropy", "map"),
+        (lambda: learners.mlp(), lambda y, p: tf.reduce_mean((y - p) ** 2), "map"),
+    ],
+)
+def test_auto_picks_the_batched_path_where_it_pays(learner, loss, expected):
+    assert MAML(learner(), 0.1, loss=loss).task_loop == expected
