@@ -370,6 +370,13 @@ def matmul_gflops(size=2048, repeats=10, warmup=2):
     return matmul_flops(size) / float(np.median(matmul_seconds(size, repeats, warmup))) / 1e9
 
 
+def current_rss_mib():
+    """Resident set size of this process now, in MiB (psutil)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def peak_rss_mib():
     """Peak resident set size of this process so far (`getrusage` `ru_maxrss`), in MiB."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -529,10 +536,14 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         "%s/%s: first call (tracing + one step) %.1f s", config.name, task_loop, first_call_s
     )
     warmup_ms = [1e3 * one_step()[0] for _ in range(warmup)]
+    # Resident memory now and after the timed steps: a leak or retracing shows as growth over
+    # a long run (--steps=2000).
+    rss_start = current_rss_mib()
     step_ms, loss = [], None
     for _ in range(steps):
         seconds, loss = one_step()
         step_ms.append(1e3 * seconds)
+    rss_end = current_rss_mib()
     rss_peak = peak_rss_mib()
     load_after = os.getloadavg()[0]
     stats = _percentiles(step_ms)
@@ -574,6 +585,8 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         "peak_rss_mib": rss_peak,
         "peak_rss_before_model_mib": rss_before_model,
         "peak_rss_method": "resource.getrusage(RUSAGE_SELF).ru_maxrss of the whole process",
+        "rss_after_warmup_mib": rss_start,
+        "rss_after_steps_mib": rss_end,
         "flops_per_step": flops,
         "forward_flops_per_example": forward_flops(learner, 1),
         "flops_formula": formula,

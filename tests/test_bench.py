@@ -24,6 +24,8 @@ NUMBER_FIELDS = (
     "step_ms_min",
     "step_ms_max",
     "peak_rss_mib",
+    "rss_after_warmup_mib",
+    "rss_after_steps_mib",
     "peak_rss_before_model_mib",
     "flops_per_step",
     "forward_flops_per_example",

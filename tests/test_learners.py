@@ -97,19 +97,19 @@ def test_mlp_is_the_papers_sinusoid_network():
 @pytest.mark.parametrize(
     "variant,image_shape,filters,params",
     [
-        # 4 x (3x3 conv + gamma/beta) with 64 filters, then 64 -> 5 dense.
+        # 4 x (3x3 conv without bias + gamma/beta), 64 filters, then 64 -> 5 dense.
         (
             "strided",
             (28, 28, 1),
             64,
-            (9 * 1 * 64 + 64 + 128) + 3 * (9 * 64 * 64 + 64 + 128) + 64 * 5 + 5,
+            (9 * 1 * 64 + 128) + 3 * (9 * 64 * 64 + 128) + 64 * 5 + 5,
         ),
         # 84x84 images, 32 filters: 84 -> 42 -> 21 -> 10 -> 5 after pooling, 5*5*32 -> 5.
         (
             "maxpool",
             (84, 84, 3),
             32,
-            (9 * 3 * 32 + 32 + 64) + 3 * (9 * 32 * 32 + 32 + 64) + 800 * 5 + 5,
+            (9 * 3 * 32 + 64) + 3 * (9 * 32 * 32 + 64) + 800 * 5 + 5,
         ),
     ],
 )
