@@ -71,7 +71,14 @@ class TaskNormalization(keras.layers.Layer):
         return config
 
 
-def mlp(input_dim=1, hidden=(40, 40), output_dim=1, dtype=None, name="mlp"):
+def mlp(
+    input_dim=1,
+    hidden=(40, 40),
+    output_dim=1,
+    dtype=None,
+    name="mlp",
+    kernel_initializer="glorot_uniform",
+):
     """The paper's sinusoid regressor: input_dim-40-40-output_dim with ReLU.
 
     Args:
@@ -80,14 +87,27 @@ def mlp(input_dim=1, hidden=(40, 40), output_dim=1, dtype=None, name="mlp"):
       output_dim: outputs per example.
       dtype: variable and compute dtype (None: Keras' floatx). Tests use "float64".
       name: model name.
+      kernel_initializer: initialiser of the weight matrices (biases start at zero).
 
     Returns:
       A built `keras.Sequential`: float [batch, input_dim] -> [batch, output_dim].
     """
     layers = [keras.Input(shape=(input_dim,), dtype=dtype)]
     for i, width in enumerate(hidden):
-        layers.append(keras.layers.Dense(width, activation="relu", dtype=dtype, name=f"dense{i}"))
-    layers.append(keras.layers.Dense(output_dim, dtype=dtype, name="output"))
+        layers.append(
+            keras.layers.Dense(
+                width,
+                activation="relu",
+                kernel_initializer=kernel_initializer,
+                dtype=dtype,
+                name=f"dense{i}",
+            )
+        )
+    layers.append(
+        keras.layers.Dense(
+            output_dim, kernel_initializer=kernel_initializer, dtype=dtype, name="output"
+        )
+    )
     return keras.Sequential(layers, name=name)
 
 

@@ -88,3 +88,18 @@ def test_eval_of_a_missing_run_names_the_directory(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"--model_dir={tmp_path}/nothing" in result.stderr
+
+
+def test_flagfile_is_read(tmp_path):
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--k_shot=5\n--inner_lr=-0.5\n")
+    result = run_main(f"--flagfile={flagfile}")
+    assert result.returncode != 0
+    assert "inner_lr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_helpfull_lists_every_flag_with_its_symbol():
+    # absl prints the help and exits with status 1.
+    result = run_main("--helpfull")
+    for text in ("--inner_lr", "α", "--outer_lr", "β", "--meta_batch_size", "--eval_inner_steps"):
+        assert text in result.stdout
