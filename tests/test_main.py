@@ -2,22 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+from cli import run_main
 
 
 @pytest.fixture(scope="module")

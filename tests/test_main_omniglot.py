@@ -1,14 +1,11 @@
 """End-to-end `main.py` runs on Omniglot-layout zips with the official counts."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from cli import run_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "--dataset=omniglot",
     "--filters=8",
@@ -19,16 +16,6 @@ SMALL = [
     "--test_tasks=8",
     "--eval_inner_steps=2",
 ]
-
-
-def run_main(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,22 @@ Attributes:
 """
 
 
+def _datasets(config, tasks, protocol):
+    """The endless training stream and the fixed validation and test tasks.
+
+    Args:
+      config: the resolved `Config`.
+      tasks: `tasks(split, seed, num_tasks, drop_remainder) -> tf.data.Dataset`.
+      protocol: see `Datasets`.
+    """
+    return Datasets(
+        train=tasks("train", config.seed, None, True),
+        val=tasks("val", config.eval_seed, config.val_tasks, False),
+        test=tasks("test", config.eval_seed, config.test_tasks, False),
+        protocol=protocol,
+    )
+
+
 def _sinusoid(config):
     def tasks(split, seed, num_tasks, drop_remainder):
         return sinusoid.task_dataset(
@@ -32,12 +48,7 @@ def _sinusoid(config):
         )
 
     protocol = {"k_shot": config.k_shot, "n_query": config.n_query}
-    return Datasets(
-        train=tasks("train", config.seed, None, True),
-        val=tasks("val", config.eval_seed, config.val_tasks, False),
-        test=tasks("test", config.eval_seed, config.test_tasks, False),
-        protocol=protocol,
-    )
+    return _datasets(config, tasks, protocol)
 
 
 def load_splits(config):
@@ -83,12 +94,7 @@ def _images(config):
         "n_query": config.n_query,
         "image_size": config.image_size,
     }
-    return Datasets(
-        train=tasks("train", config.seed, None, True),
-        val=tasks("val", config.eval_seed, config.val_tasks, False),
-        test=tasks("test", config.eval_seed, config.test_tasks, False),
-        protocol=protocol,
-    )
+    return _datasets(config, tasks, protocol)
 
 
 def build_datasets(config):
