@@ -230,20 +230,25 @@ class MAML(keras.Model):
         outputs, _ = self.learner.stateless_call(weights, non_trainable, x, **kwargs)
         return outputs
 
-    def _loss(self, weights, x, y):
-        outputs = self.forward(weights, x)
-        return self.loss_fn(y, outputs), outputs
+    def _sgd_step(self, weights, x, y, first_order, forward, loss_fn):
+        """θ' = θ − α ∇_θ L(θ) for one task, or for B tasks at once.
 
-    def _inner_step(self, weights, x, y, first_order):
-        """θ' = θ − α ∇_θ L_support(θ); returns (θ', L_support(θ))."""
+        With per-task weights [B, ...] and per-task losses [B], the gradient of the summed loss
+        is each task's own gradient, since the tasks do not interact: the same code serves
+        both forms.
+
+        Returns:
+          (θ', L(θ)): the new weights and the loss(es) before the step.
+        """
         with tf.GradientTape() as tape:
             tape.watch(weights)
-            loss, _ = self._loss(weights, x, y)
-        grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            losses = loss_fn(y, forward(weights, x))
+            total = tf.reduce_sum(losses)
+        grads = tape.gradient(total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
         alpha = tf.constant(self.inner_lr, dtype=self.compute_dtype_)
-        return [w - alpha * g for w, g in zip(weights, grads, strict=True)], loss
+        return [w - alpha * g for w, g in zip(weights, grads, strict=True)], losses
 
     def theta(self):
         """θ: the learner's current weights, as tensors that a surrounding tape can trace."""
@@ -267,36 +272,56 @@ class MAML(keras.Model):
         first_order = self.first_order if first_order is None else first_order
         weights = self.theta() if weights is None else list(weights)
         for _ in range(steps):
-            weights, _ = self._inner_step(weights, support_x, support_y, first_order)
+            weights, _ = self._sgd_step(
+                weights, support_x, support_y, first_order, self.forward, self.loss_fn
+            )
         return weights
 
-    def _one_task(self, theta, task, steps, first_order, every_step):
+    def _adapt_and_evaluate(self, weights, task, steps, first_order, every_step, forward, kind):
+        """Inner loop and query evaluation, for one task or (kind "batched") B tasks at once.
+
+        Returns:
+          (support_loss, query_losses, query_accuracies): the support loss before adapting, and
+          query results stacked on a last axis of size 1 or steps + 1 (accuracies None for
+          regression). Shapes [], [S], [S] for one task; [B], [B, S], [B, S] for B tasks.
+        """
         support_x, support_y, query_x, query_y = task
-        weights = theta
+        if kind == "batched":
+            loss_fn, accuracy_fn = batched.LOSSES[self.loss_name], batched.accuracy
+        else:
+            loss_fn, accuracy_fn = self.loss_fn, _accuracy
         query_losses, query_accuracies = [], []
 
         def evaluate_query():
-            loss, outputs = self._loss(weights, query_x, query_y)
-            query_losses.append(loss)
+            outputs = forward(weights, query_x)
+            query_losses.append(loss_fn(query_y, outputs))
             if self.classification:
-                query_accuracies.append(_accuracy(query_y, outputs))
+                query_accuracies.append(accuracy_fn(query_y, outputs))
 
         support_loss = None
         for step in range(steps):
             if every_step:
                 evaluate_query()
-            weights, loss = self._inner_step(weights, support_x, support_y, first_order)
+            weights, loss = self._sgd_step(
+                weights, support_x, support_y, first_order, forward, loss_fn
+            )
             if step == 0:
                 support_loss = loss
         if support_loss is None:
-            support_loss, _ = self._loss(weights, support_x, support_y)
+            support_loss = loss_fn(support_y, forward(weights, support_x))
         evaluate_query()
+        accuracies = tf.stack(query_accuracies, axis=-1) if self.classification else None
+        return support_loss, tf.stack(query_losses, axis=-1), accuracies
+
+    def _one_task(self, theta, task, steps, first_order, every_step):
+        support_loss, losses, accuracies = self._adapt_and_evaluate(
+            theta, task, steps, first_order, every_step, self.forward, "per_task"
+        )
+        # tf.map_fn needs a tensor in every output, also for regression.
         return (
             support_loss,
-            tf.stack(query_losses),
-            tf.stack(query_accuracies)
-            if self.classification
-            else tf.zeros([0], support_loss.dtype),
+            losses,
+            tf.zeros([0], losses.dtype) if accuracies is None else accuracies,
         )
 
     def task_results(
@@ -312,7 +337,7 @@ class MAML(keras.Model):
           every_step: also evaluate the query set before each inner step.
           theta: the initial weights (default `self.theta()`); pass them when a tape outside
             must see this use of θ.
-          task_loop: "map" or "unroll" (default: as constructed).
+          task_loop: "batched", "map" or "unroll" (default: as constructed).
 
         Returns:
           `TaskResults` with per-task tensors.
@@ -353,48 +378,20 @@ class MAML(keras.Model):
 
     def _batched_task_results(self, theta, tasks, steps, first_order, every_step):
         """`task_results` for all B tasks at once, with fast weights shaped [B, ...]."""
-        support_x, support_y, query_x, query_y = tasks
-        size = support_x.shape[0]
+        size = tasks[0].shape[0]
         if self._batched is None:
             raise ValueError("task_loop='batched' is not available for this learner or loss")
         if size is None:
             raise ValueError("task_loop='batched' needs a static meta-batch size")
-        loss_fn = batched.LOSSES[self.loss_name]
         weights = [tf.broadcast_to(t[None], [size, *t.shape]) for t in theta]
-        query_losses, query_accuracies = [], []
 
-        def evaluate_query():
-            outputs = self._batched(weights, tf.cast(query_x, self.compute_dtype_))
-            query_losses.append(loss_fn(query_y, outputs))
-            if self.classification:
-                query_accuracies.append(batched.accuracy(query_y, outputs))
+        def forward(weights, x):
+            return self._batched(weights, tf.cast(x, self.compute_dtype_))
 
-        alpha = tf.constant(self.inner_lr, dtype=self.compute_dtype_)
-        support_x = tf.cast(support_x, self.compute_dtype_)
-        support_loss = None
-        for step in range(steps):
-            if every_step:
-                evaluate_query()
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                losses = loss_fn(support_y, self._batched(weights, support_x))
-                # Tasks are independent: the gradient of the sum is each task's own gradient.
-                total = tf.reduce_sum(losses)
-            grads = tape.gradient(
-                total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            if first_order:
-                grads = [tf.stop_gradient(g) for g in grads]
-            weights = [w - alpha * g for w, g in zip(weights, grads, strict=True)]
-            if step == 0:
-                support_loss = losses
-        if support_loss is None:
-            support_loss = loss_fn(support_y, self._batched(weights, support_x))
-        evaluate_query()
         return TaskResults(
-            support_loss,
-            tf.stack(query_losses, axis=1),
-            tf.stack(query_accuracies, axis=1) if self.classification else None,
+            *self._adapt_and_evaluate(
+                weights, tasks, steps, first_order, every_step, forward, "batched"
+            )
         )
 
     def meta_loss(self, episodes, theta=None):

@@ -151,6 +151,7 @@ def _load_weights(config, model):
 
 
 def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, results_name):
+    weights = _load_weights(config, model)
     protocol = {
         **datasets.protocol,
         "dataset": config.dataset,
@@ -159,7 +160,7 @@ def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr,
         "eval_inner_steps": config.eval_inner_steps,
         "inner_lr": config.inner_lr,
         "normalisation": NORMALISATION if config.learner == "conv4" else "none",
-        "weights": _load_weights(config, model),
+        "weights": weights,
         "confidence_interval": "95%, 1.96 * sample std / sqrt(tasks)",
     }
     test = evaluation.evaluate(model, datasets.test)
