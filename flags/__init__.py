@@ -38,6 +38,9 @@ _CONFIG_FLAGS = (
     "task_loop",
     "baseline",
     "checkpoint",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "allow_changed",
     "verbose",
 )
 
@@ -220,6 +223,23 @@ def define_flags(flag_values=flags.FLAGS):
         "Weights to meta-test: best (best validation score during training) or final.",
         enum_values=list(CHECKPOINTS),
     )
+    define(
+        "integer",
+        "checkpoint_every",
+        None,
+        "Meta-updates between two saves of the training state (θ, Adam's state, iteration "
+        "count, best score) under MODEL_DIR/checkpoints; it is also saved at every epoch end. "
+        "Running the same command again resumes from the newest save. Default: every epoch.",
+    )
+    define("integer", "keep_checkpoints", 3, "How many of the latest training-state saves to keep.")
+    define(
+        "list",
+        "allow_changed",
+        [],
+        "Hyperparameters (flag names) that may differ from those of the run already in "
+        "--model_dir when it is continued, e.g. inner_lr,outer_lr. Without it a changed "
+        "hyperparameter is refused.",
+    )
     define("integer", "verbose", 1, "Keras output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
     for name, symbol in [
@@ -235,6 +255,8 @@ def define_flags(flag_values=flags.FLAGS):
         ("test_tasks", ""),
         ("filters", ""),
         ("image_size", ""),
+        ("checkpoint_every", ""),
+        ("keep_checkpoints", ""),
     ]:
         _positive(name, symbol, flag_values)
     flags.register_validator(

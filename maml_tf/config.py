@@ -49,6 +49,11 @@ class Config:
       task_loop: "auto", "batched", "map" or "unroll", see `maml_tf.MAML`.
       baseline: also train and evaluate the paper's pretrained baseline (sinusoid).
       checkpoint: which weights meta-testing uses: "best" (best validation score) or "final".
+      checkpoint_every: meta-updates between two saves of the training state (None: once per
+        epoch); the state is also saved at every epoch end.
+      keep_checkpoints: how many of the latest training-state saves to keep.
+      allow_changed: names of hyperparameters that may differ from those of the run already in
+        `model_dir` when it is continued.
       verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
     """
 
@@ -79,7 +84,14 @@ class Config:
     task_loop: str | None = None
     baseline: bool = True
     checkpoint: str = "best"
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    allow_changed: tuple[str, ...] = ()
     verbose: int = 1
+
+    def __post_init__(self):
+        # JSON and absl give lists; a frozen config holds a tuple.
+        object.__setattr__(self, "allow_changed", tuple(self.allow_changed or ()))
 
     def resolve(self):
         """Returns a copy with every None field set to the data set's default."""

@@ -5,12 +5,12 @@ import dataclasses
 import json
 import math
 import os
-import time
 
 import keras
 from absl import logging
 
-from maml_tf import evaluation, learners, plots
+from maml_tf import checkpoints, evaluation, learners, plots
+from maml_tf.config import Config
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
@@ -87,7 +87,12 @@ def _monitor(config):
     return "val_query_loss", "min"
 
 
-def _fit(config, model, datasets, log_dir, best_path=None):
+def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
+    """Meta-trains `model` for `config.train_steps`, resuming from the saves in `state_dir`.
+
+    Returns:
+      The run's `checkpoints.TrainingState` (with the total training wall time).
+    """
     steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
     if config.train_steps % steps_per_epoch:
         raise UserError(
@@ -95,23 +100,42 @@ def _fit(config, model, datasets, log_dir, best_path=None):
             f"--steps_per_epoch={steps_per_epoch}"
         )
     model.compile(optimizer=keras.optimizers.Adam(config.outer_lr))
-    callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
-    if best_path:
-        monitor, mode = _monitor(config)
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                best_path, monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True
-            )
+    monitor, mode = _monitor(config)
+    state = checkpoints.TrainingState(state_dir, model, keep=config.keep_checkpoints, mode=mode)
+    done = state.restore()
+    if done > config.train_steps:
+        raise UserError(
+            f"--train_steps={config.train_steps}: the run in {config.model_dir} has already "
+            f"done {done} meta-updates"
         )
-    return model.fit(
-        datasets.train,
-        epochs=config.train_steps // steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=datasets.val,
-        callbacks=callbacks,
-        shuffle=False,
-        verbose=config.verbose,
-    )
+    callbacks = [
+        keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+        checkpoints.SaveTrainingState(
+            state, config.checkpoint_every or steps_per_epoch, monitor, best_path
+        ),
+    ]
+    # Keras epochs cannot start part-way, so a run killed mid-epoch first finishes that epoch
+    # with a shorter `fit`, then runs the remaining whole epochs.
+    epoch, into_epoch = divmod(done, steps_per_epoch)
+    segments = []
+    if into_epoch:
+        segments.append((epoch, steps_per_epoch - into_epoch))
+        epoch += 1
+    if epoch < config.train_steps // steps_per_epoch:
+        segments.append((epoch, steps_per_epoch))
+    for first_epoch, steps in segments:
+        last_epoch = first_epoch + 1 if steps < steps_per_epoch else None
+        model.fit(
+            datasets.train_from(state.step),
+            initial_epoch=first_epoch,
+            epochs=last_epoch or config.train_steps // steps_per_epoch,
+            steps_per_epoch=steps,
+            validation_data=datasets.val,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=config.verbose,
+        )
+    return state
 
 
 def _tune_baseline_lr(config, baseline, val):
@@ -131,8 +155,16 @@ def _train_baseline(config, datasets):
     """The paper's comparison: θ pretrained on the same tasks without adaptation (k = 0)."""
     keras.utils.set_random_seed(config.seed)
     baseline = build_model(config, build_learner(config), inner_steps=0)
-    _fit(config, baseline, datasets, os.path.join(config.model_dir, "logs", "baseline"))
-    baseline.learner.save_weights(os.path.join(config.model_dir, BASELINE_WEIGHTS))
+    _fit(
+        config,
+        baseline,
+        datasets,
+        os.path.join(config.model_dir, "logs", "baseline"),
+        os.path.join(config.model_dir, checkpoints.CHECKPOINT_DIR, "baseline"),
+    )
+    checkpoints.atomic_save_weights(
+        baseline.learner, os.path.join(config.model_dir, BASELINE_WEIGHTS)
+    )
     inner_lr = _tune_baseline_lr(config, baseline, datasets.val)
     return build_model(config, baseline.learner, inner_lr), inner_lr
 
@@ -141,7 +173,11 @@ def _load_weights(config, model):
     """Loads the weights `config.checkpoint` names; returns which file was used."""
     best = os.path.join(config.model_dir, BEST_WEIGHTS)
     if config.checkpoint == "best" and os.path.exists(best):
-        model.load_weights(best)
+        try:
+            model.learner.load_weights(best)
+        except ValueError:
+            # Runs before the resumable checkpoints saved the whole MAML model here.
+            model.load_weights(best)
         return BEST_WEIGHTS
     final = os.path.join(config.model_dir, FINAL_WEIGHTS)
     if not os.path.exists(final):
@@ -197,6 +233,47 @@ def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr,
     return result
 
 
+# Fields of a Config that may differ when the run in a model_dir is continued: where files are,
+# output, the total step count, the (equivalent) task loop, saving and the meta-test protocol.
+CONTINUABLE_CHANGES = (
+    "model_dir",
+    "data_dir",
+    "cache_dir",
+    "verbose",
+    "train_steps",
+    "task_loop",
+    "checkpoint",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "allow_changed",
+    "test_tasks",
+    "baseline",
+)
+
+
+def _check_same_run(config):
+    """Refuses to continue a run in `config.model_dir` trained with other hyperparameters."""
+    unknown = sorted(set(config.allow_changed) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise UserError(f"--allow_changed: {', '.join(unknown)} is not a flag of a run")
+    started = os.path.exists(os.path.join(config.model_dir, checkpoints.CHECKPOINT_DIR))
+    if not (started and os.path.exists(config.config_path)):
+        return
+    saved = dataclasses.asdict(Config.load(config.config_path))
+    ignored = set(CONTINUABLE_CHANGES) | set(config.allow_changed)
+    changed = [
+        f"--{name}={value} (the run used {saved.get(name)})"
+        for name, value in dataclasses.asdict(config).items()
+        if name not in ignored and saved.get(name) != value
+    ]
+    if changed:
+        raise UserError(
+            f"--model_dir={config.model_dir} holds a run with other hyperparameters: "
+            f"{'; '.join(changed)}. Continue it with them anyway with --allow_changed="
+            f"{','.join(name.split('=')[0][2:] for name in changed)}, or use another --model_dir"
+        )
+
+
 def train(config):
     """Meta-trains, saves the learner's weights, then meta-tests (and the baseline, if asked).
 
@@ -214,21 +291,22 @@ def train(config):
       UserError: bad data or flag combinations.
     """
     config = config.resolve()
+    _check_same_run(config)
     datasets = build_datasets(config)
     os.makedirs(config.model_dir, exist_ok=True)
     config.save(config.config_path)
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, build_learner(config))
-    start = time.perf_counter()
-    _fit(
+    state = _fit(
         config,
         model,
         datasets,
         os.path.join(config.model_dir, "logs"),
+        os.path.join(config.model_dir, checkpoints.CHECKPOINT_DIR, "maml"),
         best_path=os.path.join(config.model_dir, BEST_WEIGHTS),
     )
-    train_seconds = time.perf_counter() - start
-    model.learner.save_weights(os.path.join(config.model_dir, FINAL_WEIGHTS))
+    train_seconds = float(state.train_seconds.numpy())
+    checkpoints.atomic_save_weights(model.learner, os.path.join(config.model_dir, FINAL_WEIGHTS))
     logging.info("meta-training took %.1f s", train_seconds)
 
     baseline = baseline_inner_lr = None

@@ -212,3 +212,13 @@ def test_small_counts_are_checked_against_the_episode_shape():
         episodes.episode_dataset(
             labelled_images(), N_WAY, K_SHOT, N_QUERY, 2, 0, counts=counts, split_name="train"
         )
+
+
+def test_a_stream_started_at_a_later_episode_continues_the_full_one():
+    full = episodes.episode_dataset(labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, 7).skip(2)
+    resumed = episodes.episode_dataset(
+        labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, 7, first_task=8
+    )
+    for a, b in zip(full.take(2), resumed.take(2), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())

@@ -73,3 +73,11 @@ def test_fixed_tasks_do_not_depend_on_batch_size():
 def test_training_stream_batches_are_static():
     dataset = sinusoid.task_dataset(5, 5, 4, seed=0)
     assert dataset.element_spec["support_x"].shape == (4, 5, 1)
+
+
+def test_a_stream_started_at_a_later_task_continues_the_full_one():
+    full = sinusoid.task_dataset(5, 5, 4, seed=3).skip(3)
+    resumed = sinusoid.task_dataset(5, 5, 4, seed=3, first_task=12)
+    for a, b in zip(full.take(2), resumed.take(2), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())

@@ -7,11 +7,13 @@ from absl import logging
 from maml_tf.data import episodes, folder, omniglot, sinusoid
 from maml_tf.errors import UserError
 
-Datasets = collections.namedtuple("Datasets", ["train", "val", "test", "protocol"])
+Datasets = collections.namedtuple("Datasets", ["train", "val", "test", "protocol", "train_from"])
 Datasets.__doc__ = """Episode pipelines of one run.
 
 Attributes:
   train: endless `tf.data.Dataset` of meta-batches (static meta-batch size).
+  train_from: `train_from(step)`, the same stream from meta-batch `step` on (what a run
+    resumed after `step` meta-updates consumes next).
   val: the fixed validation tasks, finite.
   test: the fixed meta-test tasks, finite.
   protocol: dict describing the data side of the protocol (split, class counts, query size),
@@ -24,19 +26,24 @@ def _datasets(config, tasks, protocol):
 
     Args:
       config: the resolved `Config`.
-      tasks: `tasks(split, seed, num_tasks, drop_remainder) -> tf.data.Dataset`.
+      tasks: `tasks(split, seed, num_tasks, drop_remainder, first_task) -> tf.data.Dataset`.
       protocol: see `Datasets`.
     """
+
+    def train_from(step):
+        return tasks("train", config.seed, None, True, step * config.meta_batch_size)
+
     return Datasets(
-        train=tasks("train", config.seed, None, True),
-        val=tasks("val", config.eval_seed, config.val_tasks, False),
-        test=tasks("test", config.eval_seed, config.test_tasks, False),
+        train=train_from(0),
+        val=tasks("val", config.eval_seed, config.val_tasks, False, 0),
+        test=tasks("test", config.eval_seed, config.test_tasks, False, 0),
         protocol=protocol,
+        train_from=train_from,
     )
 
 
 def _sinusoid(config):
-    def tasks(split, seed, num_tasks, drop_remainder):
+    def tasks(split, seed, num_tasks, drop_remainder, first_task):
         return sinusoid.task_dataset(
             config.k_shot,
             config.n_query,
@@ -45,6 +52,7 @@ def _sinusoid(config):
             split=split,
             num_tasks=num_tasks,
             drop_remainder=drop_remainder,
+            first_task=first_task,
         )
 
     protocol = {"k_shot": config.k_shot, "n_query": config.n_query}
@@ -71,7 +79,7 @@ def _images(config):
     splits = load_splits(config)
     episodes.check_episode_shape(splits, config.n_way, config.k_shot, config.n_query)
 
-    def tasks(split_name, seed, num_tasks, drop_remainder):
+    def tasks(split_name, seed, num_tasks, drop_remainder, first_task):
         split = getattr(splits, split_name)
         return episodes.episode_dataset(
             split.images,
@@ -84,6 +92,7 @@ def _images(config):
             drop_remainder=drop_remainder,
             counts=split.counts,
             split_name=split_name,
+            first_task=first_task,
         )
 
     protocol = {

@@ -178,6 +178,7 @@ def episode_dataset(
     counts: np.ndarray | None = None,
     *,
     split_name: str = "given",
+    first_task: int = 0,
 ) -> tf.data.Dataset:
     """Meta-batches of N-way K-shot episodes, drawn in parallel and deterministically.
 
@@ -200,6 +201,9 @@ def episode_dataset(
             which `fit` needs. With `num_tasks`, False keeps every task.
         counts: optional int32 `[classes]`, valid examples per class (`Split.counts`).
         split_name: used in error messages only.
+        first_task: index of the first episode of an endless stream: a run resumed after
+            `first_task / meta_batch_size` meta-updates draws the episodes an uninterrupted
+            run would.
 
     Returns:
         A `tf.data.Dataset` of dicts: `support_x` float32 `[B, n_way*k_shot, H, W, C]` in [0, 1],
@@ -222,6 +226,8 @@ def episode_dataset(
         raise ValueError(f"meta_batch_size must be at least 1, got {meta_batch_size}")
     if num_tasks is not None and num_tasks < 1:
         raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    if first_task and num_tasks is not None:
+        raise ValueError("first_task is for endless streams (num_tasks=None)")
     full_counts = np.full([images.shape[0]], images.shape[1], np.int32)
     counts = full_counts if counts is None else np.asarray(counts, np.int32)
     if counts.shape != full_counts.shape or (counts > images.shape[1]).any():
@@ -232,7 +238,7 @@ def episode_dataset(
     # Masking padding costs a little per episode, so skip it when there is none.
     counts_tensor = None if (counts == full_counts).all() else tf.convert_to_tensor(counts)
     if num_tasks is None:
-        stream, indices = _TRAIN_STREAM, tf.data.Dataset.counter()
+        stream, indices = _TRAIN_STREAM, tf.data.Dataset.counter(start=first_task)
     else:
         stream, indices = _FIXED_STREAM, tf.data.Dataset.range(num_tasks)
     base_seed = tf.constant([seed, stream], tf.int64)

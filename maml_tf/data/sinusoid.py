@@ -52,7 +52,14 @@ def task_seed(seed, split, index):
 
 
 def task_dataset(
-    k_shot, n_query, meta_batch_size, seed, split="train", num_tasks=None, drop_remainder=True
+    k_shot,
+    n_query,
+    meta_batch_size,
+    seed,
+    split="train",
+    num_tasks=None,
+    drop_remainder=True,
+    first_task=0,
 ):
     """Meta-batches of sinusoid tasks.
 
@@ -70,13 +77,20 @@ def task_dataset(
         (validation, test).
       drop_remainder: drop a last, smaller meta-batch (keep it True for training, so the
         meta-batch size is static).
+      first_task: index of the first task of an endless stream: a run resumed after
+        `first_task / meta_batch_size` meta-updates draws the tasks an uninterrupted run would.
 
     Returns:
       A `tf.data.Dataset` of dicts as `sample_task` returns them, with a leading [B] dimension.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    indices = tf.data.Dataset.counter() if num_tasks is None else tf.data.Dataset.range(num_tasks)
+    if num_tasks is None:
+        indices = tf.data.Dataset.counter(start=first_task)
+    elif first_task:
+        raise ValueError("first_task is for endless streams (num_tasks=None)")
+    else:
+        indices = tf.data.Dataset.range(num_tasks)
     tasks = indices.map(
         lambda i: sample_task(task_seed(seed, split, i), k_shot, n_query),
         num_parallel_calls=tf.data.AUTOTUNE,

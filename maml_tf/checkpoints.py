@@ -1,0 +1,171 @@
+"""Training state that survives a kill: θ, Adam's slots, the iteration count, the best score.
+
+A run saves its state under `MODEL_DIR/checkpoints/<name>/` every `every_steps` meta-updates
+and at the end of every epoch, keeping the last `keep` saves, and separately the state at the
+best validation score. Running the same command again restores the newest readable save and
+continues from there.
+
+The data pipeline's position is the iteration count: episode i of the training stream is a
+pure function of (seed, i) (`maml_tf.data`), so a run resumed after s meta-updates builds its
+stream from episode s·B and draws exactly the episodes the uninterrupted run would have.
+
+Saves are atomic: `tf.train.CheckpointManager` writes a save's files completely before it
+rewrites the small `checkpoint` index file, and rewrites that with a rename, so a kill during a
+save leaves the index naming the previous complete save. A save that is unreadable anyway (a
+damaged disk, a file truncated by hand) is skipped with a warning in favour of an older one.
+"""
+
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from maml_tf.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def atomic_save_weights(learner, path):
+    """`learner.save_weights(path)` through a temporary file and a rename: never half-written."""
+    temporary = f"{path[: -len('.weights.h5')]}.partial.weights.h5"
+    learner.save_weights(temporary)
+    os.replace(temporary, path)
+
+
+class TrainingState:
+    """Everything a meta-training run needs to continue after a kill.
+
+    Saved: the learner's variables (θ, and any non-trainable ones), the optimizer's variables
+    (Adam's moments and its iteration count, which is the number of meta-updates done), the
+    best validation score so far, and the wall time spent training.
+
+    Args:
+      directory: where the saves go (`MODEL_DIR/checkpoints/<name>`).
+      model: a compiled `maml_tf.MAML` (its optimizer built).
+      keep: how many of the latest saves to keep (the best one is kept apart).
+      mode: "max" or "min", the direction in which the validation score improves.
+    """
+
+    def __init__(self, directory, model, keep=3, mode="max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.best_score = tf.Variable(math.nan, dtype=tf.float64, trainable=False)
+        self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self._checkpoint = tf.train.Checkpoint(
+            learner=list(model.learner.variables),
+            optimizer=model.optimizer,
+            best_score=self.best_score,
+            train_seconds=self.train_seconds,
+        )
+        self._latest = tf.train.CheckpointManager(
+            self._checkpoint, os.path.join(directory, "latest"), max_to_keep=keep
+        )
+        self._best = tf.train.CheckpointManager(
+            self._checkpoint, os.path.join(directory, "best"), max_to_keep=1
+        )
+
+    @property
+    def step(self):
+        """Meta-updates done so far (the optimizer's iteration count)."""
+        return int(self.model.optimizer.iterations.numpy())
+
+    def restore(self):
+        """Restores the newest readable save, if any.
+
+        Returns:
+          The number of meta-updates the restored state had done (0 when there was no save).
+
+        Raises:
+          UserError: there are saves, but none can be read.
+        """
+        saves = list(reversed(self._latest.checkpoints))
+        for path in saves:
+            try:
+                self._checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as error:  # noqa: BLE001 - TF raises many kinds for a bad file
+                logging.warning("cannot read checkpoint %s (%s); trying an older one", path, error)
+                continue
+            logging.info("resumed from %s after %d meta-updates", path, self.step)
+            return self.step
+        if saves:
+            raise UserError(
+                f"{self._latest.directory}: no checkpoint can be read ({', '.join(saves)}); "
+                "move the directory away to start the run over"
+            )
+        return 0
+
+    def save(self):
+        """Saves the current state as the latest, numbered by the iteration count."""
+        step = self.step
+        if self._latest.latest_checkpoint == self._path(step):
+            return
+        self._latest.save(checkpoint_number=step)
+
+    def save_best(self):
+        """Saves the current state as the best one."""
+        self._best.save(checkpoint_number=self.step)
+
+    def improved(self, score):
+        """Whether `score` beats the best validation score so far."""
+        if not math.isfinite(score):
+            return False
+        best = float(self.best_score.numpy())
+        if math.isnan(best):
+            return True
+        return score > best if self.mode == "max" else score < best
+
+    def _path(self, step):
+        return f"{self._latest._checkpoint_prefix}-{step}"
+
+
+class SaveTrainingState(keras.callbacks.Callback):
+    """Saves a `TrainingState` every `every_steps` meta-updates, at each epoch end and at the end.
+
+    At an epoch end it first checks the validation score `monitor`: if it improved, the
+    learner's weights go to `best_weights_path` (atomically) and the state to the best save.
+
+    Args:
+      state: the run's `TrainingState` (restored before `fit`).
+      every_steps: meta-updates between two saves within an epoch.
+      monitor: the Keras log name of the validation score (e.g. "val_query_accuracy").
+      best_weights_path: file for the learner's weights at the best score, or None.
+    """
+
+    def __init__(self, state, every_steps, monitor, best_weights_path=None):
+        super().__init__()
+        self.state = state
+        self.every_steps = every_steps
+        self.monitor = monitor
+        self.best_weights_path = best_weights_path
+
+    def on_train_begin(self, logs=None):
+        self._step = self.state.step
+        self._seconds_before = float(self.state.train_seconds.numpy())
+        self._start = time.perf_counter()
+
+    def _save(self):
+        self.state.train_seconds.assign(self._seconds_before + time.perf_counter() - self._start)
+        self.state.save()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        # An epoch's last step is saved at the epoch end, after validation, with its score.
+        if self._step % self.every_steps == 0 and batch + 1 < self.params["steps"]:
+            self._save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        score = (logs or {}).get(self.monitor)
+        if score is not None and self.state.improved(float(score)):
+            self.state.best_score.assign(float(score))
+            if self.best_weights_path:
+                atomic_save_weights(self.model.learner, self.best_weights_path)
+            self.state.save_best()
+        self._save()
+
+    def on_train_end(self, logs=None):
+        self._save()

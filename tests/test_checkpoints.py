@@ -1,0 +1,234 @@
+"""Training state that survives SIGKILL: resuming gives the run an uninterrupted one gives."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from cli import ROOT, run_main
+
+from maml_tf import checkpoints, learners
+from maml_tf.errors import UserError
+from maml_tf.maml import MAML
+
+TRAIN_STEPS = 1000
+RUN_FLAGS = (
+    f"--train_steps={TRAIN_STEPS}",
+    "--steps_per_epoch=250",
+    "--checkpoint_every=50",
+    "--val_tasks=10",
+    "--test_tasks=20",
+    "--eval_inner_steps=2",
+    "--nobaseline",
+    "--verbose=0",
+)
+# Resumed and uninterrupted runs agree bit for bit on this machine; the tolerance leaves room
+# for a different summation order of float32 reductions on another CPU.
+WEIGHT_ATOL = 1e-6
+
+
+def latest_step(model_dir):
+    state = tf.train.get_checkpoint_state(
+        os.path.join(model_dir, checkpoints.CHECKPOINT_DIR, "maml", "latest")
+    )
+    if state is None:
+        return None
+    return int(state.model_checkpoint_path.rsplit("-", 1)[1])
+
+
+def saved_iterations(model_dir):
+    path = tf.train.latest_checkpoint(
+        os.path.join(model_dir, checkpoints.CHECKPOINT_DIR, "maml", "latest")
+    )
+    return int(
+        tf.train.load_checkpoint(path).get_tensor(
+            "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+        )
+    )
+
+
+def weight_arrays(path):
+    arrays = []
+    with h5py.File(path) as f:
+        f.visititems(
+            lambda name, item: (
+                arrays.append((name, item[()])) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+    return arrays
+
+
+def kill_after_first_save(model_dir, log_path):
+    """Starts a training run and SIGKILLs it as soon as its first save is on disk."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "main.py"), *RUN_FLAGS, f"--model_dir={model_dir}"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        while latest_step(model_dir) is None:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    killed, uninterrupted = root / "killed", root / "uninterrupted"
+    returncode = kill_after_first_save(killed, root / "killed.log")
+    step_at_kill = latest_step(killed)
+    resumed = run_main(*RUN_FLAGS, f"--model_dir={killed}")
+    reference = run_main(*RUN_FLAGS, f"--model_dir={uninterrupted}")
+    return {
+        "returncode_at_kill": returncode,
+        "step_at_kill": step_at_kill,
+        "resumed": resumed,
+        "reference": reference,
+        "killed_dir": killed,
+        "reference_dir": uninterrupted,
+    }
+
+
+def test_the_run_was_killed_mid_training(runs):
+    assert runs["returncode_at_kill"] == -signal.SIGKILL
+    assert 0 < runs["step_at_kill"] < TRAIN_STEPS
+
+
+def test_the_resumed_run_finishes(runs):
+    for name in ("resumed", "reference"):
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+
+
+def test_the_resumed_run_ends_with_the_full_iteration_count(runs):
+    assert saved_iterations(runs["killed_dir"]) == TRAIN_STEPS
+    assert saved_iterations(runs["reference_dir"]) == TRAIN_STEPS
+
+
+@pytest.mark.parametrize("name", ["learner.weights.h5", "best.weights.h5"])
+def test_the_resumed_run_ends_with_the_uninterrupted_weights(runs, name):
+    resumed = weight_arrays(runs["killed_dir"] / name)
+    reference = weight_arrays(runs["reference_dir"] / name)
+    assert [n for n, _ in resumed] == [n for n, _ in reference]
+    for (variable, a), (_, b) in zip(resumed, reference, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=WEIGHT_ATOL, err_msg=variable)
+
+
+def test_the_resumed_run_meta_tests_like_the_uninterrupted_one(runs):
+    def test_losses(model_dir):
+        return json.loads((model_dir / "results.json").read_text())["test"]["query_loss_mean"]
+
+    np.testing.assert_allclose(
+        test_losses(runs["killed_dir"]), test_losses(runs["reference_dir"]), rtol=1e-5
+    )
+
+
+def test_a_finished_run_is_not_trained_again(runs):
+    again = run_main(*RUN_FLAGS, f"--model_dir={runs['reference_dir']}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert saved_iterations(runs["reference_dir"]) == TRAIN_STEPS
+
+
+def test_a_changed_hyperparameter_is_refused_naming_the_flag(runs):
+    result = run_main(*RUN_FLAGS, "--inner_lr=0.02", f"--model_dir={runs['reference_dir']}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "--inner_lr=0.02" in result.stderr and "--allow_changed=inner_lr" in result.stderr
+
+
+# ------------------------------------------------------------------- TrainingState, in-process
+
+
+def small_model():
+    keras.utils.set_random_seed(0)
+    model = MAML(learners.mlp(), inner_lr=0.01, inner_steps=1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def save_at(state, model, step, value):
+    model.optimizer.iterations.assign(step)
+    for variable in model.learner.trainable_variables:
+        variable.assign(tf.fill(variable.shape, value))
+    state.save()
+
+
+def test_restore_takes_the_newest_save(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path, model)
+    save_at(state, model, 10, 1.0)
+    save_at(state, model, 20, 2.0)
+    restored = small_model()
+    assert checkpoints.TrainingState(tmp_path, restored).restore() == 20
+    assert float(restored.learner.trainable_variables[0][0, 0]) == 2.0
+
+
+def test_an_unreadable_save_falls_back_to_the_previous_one(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path, model)
+    save_at(state, model, 10, 1.0)
+    save_at(state, model, 20, 2.0)
+    data = tmp_path / "latest" / "ckpt-20.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])  # truncated, as by a full disk
+    restored = small_model()
+    assert checkpoints.TrainingState(tmp_path, restored).restore() == 10
+    assert float(restored.learner.trainable_variables[0][0, 0]) == 1.0
+
+
+def test_no_readable_save_is_an_error_not_a_fresh_start(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path, model)
+    save_at(state, model, 10, 1.0)
+    (tmp_path / "latest" / "ckpt-10.index").write_bytes(b"damaged")
+    with pytest.raises(UserError, match="no checkpoint can be read"):
+        checkpoints.TrainingState(tmp_path, small_model()).restore()
+
+
+def test_no_save_means_a_fresh_start(tmp_path):
+    assert checkpoints.TrainingState(tmp_path, small_model()).restore() == 0
+
+
+def test_keeps_only_the_last_saves(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path, model, keep=2)
+    for step in (1, 2, 3, 4):
+        save_at(state, model, step, float(step))
+    kept = sorted(p.name for p in (tmp_path / "latest").glob("*.index"))
+    assert kept == ["ckpt-3.index", "ckpt-4.index"]
+
+
+@pytest.mark.parametrize(
+    "mode,scores,best", [("max", [0.5, 0.7, 0.6], 0.7), ("min", [0.5, 0.3, 0.4], 0.3)]
+)
+def test_improved_follows_the_mode(tmp_path, mode, scores, best):
+    state = checkpoints.TrainingState(tmp_path, small_model(), mode=mode)
+    for score in scores:
+        if state.improved(score):
+            state.best_score.assign(score)
+    assert float(state.best_score.numpy()) == pytest.approx(best)
+    assert not state.improved(float("nan"))
+
+
+def test_weights_are_written_through_a_rename(tmp_path):
+    model = small_model()
+    path = str(tmp_path / "best.weights.h5")
+    checkpoints.atomic_save_weights(model.learner, path)
+    assert sorted(os.listdir(tmp_path)) == ["best.weights.h5"]
+    restored = small_model()
+    for variable in restored.learner.trainable_variables:
+        variable.assign(tf.zeros_like(variable))
+    restored.learner.load_weights(path)
+    for a, b in zip(model.learner.weights, restored.learner.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
