@@ -38,6 +38,8 @@ _CONFIG_FLAGS = (
     "task_loop",
     "baseline",
     "checkpoint",
+    "clip_value",
+    "clip_norm",
     "checkpoint_every",
     "keep_checkpoints",
     "allow_changed",
@@ -153,6 +155,19 @@ def define_flags(flag_values=flags.FLAGS):
         None,
         "B, tasks per meta-update. Default: sinusoid 25, 5-way omniglot 32, 20-way omniglot 16.",
     )
+    define(
+        "float",
+        "clip_value",
+        None,
+        "Clip each element of the meta-gradient to [-clip_value, clip_value] before the "
+        "meta-update (the paper's code clipped miniImageNet gradients to [-10, 10]). Default: off.",
+    )
+    define(
+        "float",
+        "clip_norm",
+        None,
+        "Rescale the meta-gradient to this global norm when it is larger. Default: off.",
+    )
     define("integer", "n_way", None, "N, classes per task (classification). Default 5.")
     define(
         "integer",
@@ -256,6 +271,8 @@ def define_flags(flag_values=flags.FLAGS):
         ("filters", ""),
         ("image_size", ""),
         ("checkpoint_every", ""),
+        ("clip_value", ""),
+        ("clip_norm", ""),
         ("keep_checkpoints", ""),
     ]:
         _positive(name, symbol, flag_values)

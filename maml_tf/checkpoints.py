@@ -106,6 +106,13 @@ class TrainingState:
             return
         self._latest.save(checkpoint_number=step)
 
+    def latest_description(self):
+        """Where the newest save is and after how many meta-updates, for messages."""
+        path = self._latest.latest_checkpoint
+        if path is None:
+            return f"none yet in {self._latest.directory}"
+        return f"meta-update {path.rsplit('-', 1)[1]}, {path}"
+
     def save_best(self):
         """Saves the current state as the best one."""
         self._best.save(checkpoint_number=self.step)
@@ -121,6 +128,46 @@ class TrainingState:
 
     def _path(self, step):
         return f"{self._latest._checkpoint_prefix}-{step}"
+
+
+class NonFiniteError(Exception):
+    """Training produced a non-finite loss or weights; nothing after the last good save was kept.
+
+    Attributes:
+      step: the meta-update at which it was found.
+      what: which quantity was not finite.
+    """
+
+    def __init__(self, step, what):
+        super().__init__(f"meta-update {step}: {what} is not finite")
+        self.step = step
+        self.what = what
+
+
+def _all_finite(variables):
+    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `NonFiniteError` at the first meta-update whose losses are NaN or infinite.
+
+    Raising (rather than `stop_training`) skips the epoch-end and train-end callbacks, so the
+    poisoned state is never saved. Put it before `SaveTrainingState` in the callback list.
+
+    Args:
+      keys: the training logs to check.
+    """
+
+    def __init__(self, keys=("query_loss", "support_loss")):
+        super().__init__()
+        self.keys = keys
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key in self.keys:
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(value)):
+                step = int(self.model.optimizer.iterations.numpy())
+                raise NonFiniteError(step, f"the training {key} ({float(value)})")
 
 
 class SaveTrainingState(keras.callbacks.Callback):
@@ -149,6 +196,10 @@ class SaveTrainingState(keras.callbacks.Callback):
         self._start = time.perf_counter()
 
     def _save(self):
+        # A step can give finite losses and still non-finite weights (an overflowing gradient);
+        # such a state must not replace the last good save.
+        if not _all_finite(self.model.learner.trainable_variables):
+            raise NonFiniteError(self.state.step, "the learner's weights θ")
         self.state.train_seconds.assign(self._seconds_before + time.perf_counter() - self._start)
         self.state.save()
 

@@ -49,6 +49,9 @@ class Config:
       task_loop: "auto", "batched", "map" or "unroll", see `maml_tf.MAML`.
       baseline: also train and evaluate the paper's pretrained baseline (sinusoid).
       checkpoint: which weights meta-testing uses: "best" (best validation score) or "final".
+      clip_value: clip each meta-gradient element to [−clip_value, clip_value] before the
+        meta-update (the paper's code used 10 for miniImageNet), or None.
+      clip_norm: scale the meta-gradient down to this global norm if it is larger, or None.
       checkpoint_every: meta-updates between two saves of the training state (None: once per
         epoch); the state is also saved at every epoch end.
       keep_checkpoints: how many of the latest training-state saves to keep.
@@ -84,6 +87,8 @@ class Config:
     task_loop: str | None = None
     baseline: bool = True
     checkpoint: str = "best"
+    clip_value: float | None = None
+    clip_norm: float | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     allow_changed: tuple[str, ...] = ()

@@ -99,7 +99,11 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             f"--train_steps={config.train_steps} must be a multiple of "
             f"--steps_per_epoch={steps_per_epoch}"
         )
-    model.compile(optimizer=keras.optimizers.Adam(config.outer_lr))
+    model.compile(
+        optimizer=keras.optimizers.Adam(
+            config.outer_lr, clipvalue=config.clip_value, global_clipnorm=config.clip_norm
+        )
+    )
     monitor, mode = _monitor(config)
     state = checkpoints.TrainingState(state_dir, model, keep=config.keep_checkpoints, mode=mode)
     done = state.restore()
@@ -110,6 +114,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         )
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+        checkpoints.StopOnNonFinite(),
         checkpoints.SaveTrainingState(
             state, config.checkpoint_every or steps_per_epoch, monitor, best_path
         ),
@@ -123,18 +128,25 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         epoch += 1
     if epoch < config.train_steps // steps_per_epoch:
         segments.append((epoch, steps_per_epoch))
-    for first_epoch, steps in segments:
-        last_epoch = first_epoch + 1 if steps < steps_per_epoch else None
-        model.fit(
-            datasets.train_from(state.step),
-            initial_epoch=first_epoch,
-            epochs=last_epoch or config.train_steps // steps_per_epoch,
-            steps_per_epoch=steps,
-            validation_data=datasets.val,
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=config.verbose,
-        )
+    try:
+        for first_epoch, steps in segments:
+            last_epoch = first_epoch + 1 if steps < steps_per_epoch else None
+            model.fit(
+                datasets.train_from(state.step),
+                initial_epoch=first_epoch,
+                epochs=last_epoch or config.train_steps // steps_per_epoch,
+                steps_per_epoch=steps,
+                validation_data=datasets.val,
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=config.verbose,
+            )
+    except checkpoints.NonFiniteError as error:
+        raise UserError(
+            f"{error}; training stopped. The last good save ({state.latest_description()}) is "
+            "intact: run again with a smaller --inner_lr or --outer_lr, or with --clip_value or "
+            "--clip_norm, adding --allow_changed=<the flags you changed> to resume from it"
+        ) from None
     return state
 
 

@@ -232,3 +232,65 @@ def test_weights_are_written_through_a_rename(tmp_path):
     restored.learner.load_weights(path)
     for a, b in zip(model.learner.weights, restored.learner.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ------------------------------------------------------------------------- non-finite losses
+
+NAN_FLAGS = (
+    "--steps_per_epoch=50",
+    "--checkpoint_every=25",
+    "--val_tasks=10",
+    "--test_tasks=10",
+    "--eval_inner_steps=1",
+    "--nobaseline",
+    "--verbose=0",
+)
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("nan") / "run"
+    good = run_main(*NAN_FLAGS, "--train_steps=100", f"--model_dir={model_dir}")
+    assert good.returncode == 0, good.stderr[-3000:]
+    diverged = run_main(
+        *NAN_FLAGS,
+        "--train_steps=200",
+        "--inner_lr=1e6",
+        "--allow_changed=inner_lr",
+        f"--model_dir={model_dir}",
+    )
+    return model_dir, diverged
+
+
+def test_a_non_finite_loss_stops_with_one_line_naming_the_step(diverged_run):
+    _, diverged = diverged_run
+    assert diverged.returncode == 1
+    assert "Traceback" not in diverged.stderr
+    assert "meta-update 101" in diverged.stderr and "not finite" in diverged.stderr
+    assert "last good save (meta-update 100" in diverged.stderr
+
+
+def test_the_last_good_save_survives_a_divergence(diverged_run):
+    model_dir, _ = diverged_run
+    assert latest_step(model_dir) == 100
+    path = tf.train.latest_checkpoint(
+        os.path.join(model_dir, checkpoints.CHECKPOINT_DIR, "maml", "latest")
+    )
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+        if name.startswith("learner/"):
+            assert np.isfinite(reader.get_tensor(name)).all(), name
+
+
+def test_a_diverged_run_resumes_with_a_sane_step_size(diverged_run):
+    model_dir, _ = diverged_run
+    resumed = run_main(
+        *NAN_FLAGS,
+        "--train_steps=200",
+        "--inner_lr=0.01",
+        "--allow_changed=inner_lr",
+        f"--model_dir={model_dir}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "after 100 meta-updates" in resumed.stderr
+    assert saved_iterations(model_dir) == 200
