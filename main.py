@@ -3,6 +3,7 @@
     python main.py                                  # sinusoid regression, the paper's settings
     python main.py --k_shot=5 --model_dir=runs/k5   # another K
     python main.py --mode=eval --model_dir=runs/k5  # meta-test a saved run again
+    python main.py --mode=export --model_dir=runs/k5 --export_dir=exports/k5
     python main.py --helpfull                       # every flag
 
 All logic lives in `maml_tf`, so tests and notebooks call the same functions with a Config.
@@ -31,13 +32,16 @@ def main(argv):
     # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
     from maml_tf import training
 
-    run = training.train if FLAGS.mode == "train" else training.evaluate
+    run = {"train": training.train, "eval": training.evaluate, "export": training.export_run}
     try:
-        result = run(config)
+        result = run[FLAGS.mode](config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    print(training.summary(result))
+    if FLAGS.mode == "export":
+        print(f"SavedModel with signatures serve and adapt_and_predict: {result.path}")
+    else:
+        print(training.summary(result))
 
 
 def run():

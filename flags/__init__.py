@@ -40,6 +40,8 @@ _CONFIG_FLAGS = (
     "checkpoint",
     "clip_value",
     "clip_norm",
+    "export_dir",
+    "overwrite",
     "checkpoint_every",
     "keep_checkpoints",
     "allow_changed",
@@ -72,7 +74,8 @@ def define_flags(flag_values=flags.FLAGS):
         "enum",
         "mode",
         "train",
-        "train: meta-train then meta-test; eval: meta-test a saved run in --model_dir.",
+        "train: meta-train, meta-test and export; eval: meta-test a saved run in --model_dir; "
+        "export: write the run in --model_dir as a SavedModel to --export_dir.",
         enum_values=list(MODES),
     )
     define(
@@ -238,6 +241,14 @@ def define_flags(flag_values=flags.FLAGS):
         "Weights to meta-test: best (best validation score during training) or final.",
         enum_values=list(CHECKPOINTS),
     )
+    define(
+        "string",
+        "export_dir",
+        None,
+        "Where --mode=export writes the SavedModel (signatures serve and adapt_and_predict). "
+        "Default: MODEL_DIR/export, which training writes too.",
+    )
+    define("bool", "overwrite", False, "Replace an existing --export_dir.")
     define(
         "integer",
         "checkpoint_every",

@@ -8,7 +8,7 @@ import json
 import os
 
 DATASETS = ("sinusoid", "omniglot", "folder")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "export")
 OMNIGLOT_SPLITS = ("maml", "lake")
 CHECKPOINTS = ("best", "final")
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
@@ -52,6 +52,9 @@ class Config:
       clip_value: clip each meta-gradient element to [−clip_value, clip_value] before the
         meta-update (the paper's code used 10 for miniImageNet), or None.
       clip_norm: scale the meta-gradient down to this global norm if it is larger, or None.
+      export_dir: where `--mode=export` writes the SavedModel (None: MODEL_DIR/export, which
+        training also writes at its end).
+      overwrite: replace an existing export directory.
       checkpoint_every: meta-updates between two saves of the training state (None: once per
         epoch); the state is also saved at every epoch end.
       keep_checkpoints: how many of the latest training-state saves to keep.
@@ -89,6 +92,8 @@ class Config:
     checkpoint: str = "best"
     clip_value: float | None = None
     clip_norm: float | None = None
+    export_dir: str | None = None
+    overwrite: bool = False
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     allow_changed: tuple[str, ...] = ()

@@ -9,7 +9,7 @@ import os
 import keras
 from absl import logging
 
-from maml_tf import checkpoints, evaluation, learners, plots
+from maml_tf import checkpoints, evaluation, export, learners, plots
 from maml_tf.config import Config
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
@@ -19,6 +19,7 @@ FINAL_WEIGHTS = "learner.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 BASELINE_WEIGHTS = "baseline.weights.h5"
 RESULTS = "results.json"
+EXPORT_DIR = "export"
 EVAL_RESULTS = "eval_results.json"
 # Step sizes tried for fine-tuning the pretrained baseline at test time; the paper tuned the
 # baseline's step size automatically, here the best on the validation tasks is kept.
@@ -258,6 +259,8 @@ CONTINUABLE_CHANGES = (
     "checkpoint_every",
     "keep_checkpoints",
     "allow_changed",
+    "export_dir",
+    "overwrite",
     "test_tasks",
     "baseline",
 )
@@ -324,7 +327,10 @@ def train(config):
     baseline = baseline_inner_lr = None
     if config.baseline and config.dataset == "sinusoid":
         baseline, baseline_inner_lr = _train_baseline(config, datasets)
-    return _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, RESULTS)
+    result = _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, RESULTS)
+    # The run's own export, of the weights it meta-tested, replaced when the run is re-run.
+    export.export_model(model, os.path.join(config.model_dir, EXPORT_DIR), overwrite=True)
+    return result
 
 
 # Fields of a Config that may differ between training and a later meta-test of the same run
@@ -356,14 +362,7 @@ def evaluate(config):
     Raises:
       UserError: no run in `model_dir`, or bad data.
     """
-    path = config.config_path
-    if not os.path.exists(path):
-        raise UserError(f"--model_dir={config.model_dir}: no trained run here ({path} is missing)")
-    saved = config.load(path)
-    overrides = {
-        name: getattr(config, name) for name in EVAL_OVERRIDES if getattr(config, name) is not None
-    }
-    saved = dataclasses.replace(saved, model_dir=config.model_dir, **overrides).resolve()
+    saved = _saved_run(config)
     datasets = build_datasets(saved)
     model = build_model(saved, build_learner(saved))
     baseline = baseline_inner_lr = None
@@ -376,6 +375,37 @@ def evaluate(config):
             baseline = build_model(saved, build_learner(saved), baseline_inner_lr)
             baseline.learner.load_weights(baseline_path)
     return _finish(saved, model, datasets, None, baseline, baseline_inner_lr, EVAL_RESULTS)
+
+
+def _saved_run(config):
+    """The config of the run in `config.model_dir`, with `EVAL_OVERRIDES` taken from `config`."""
+    path = config.config_path
+    if not os.path.exists(path):
+        raise UserError(f"--model_dir={config.model_dir}: no trained run here ({path} is missing)")
+    saved = config.load(path)
+    overrides = {
+        name: getattr(config, name) for name in EVAL_OVERRIDES if getattr(config, name) is not None
+    }
+    return dataclasses.replace(saved, model_dir=config.model_dir, **overrides).resolve()
+
+
+def export_run(config):
+    """Writes the run in `config.model_dir` as a SavedModel (see `maml_tf.export`).
+
+    The weights are those `config.checkpoint` names (best by default); `adapt_and_predict`
+    takes the run's `eval_inner_steps` (or `--eval_inner_steps`) steps of size α.
+
+    Returns:
+      `export.Export`.
+
+    Raises:
+      UserError: no run in `model_dir`, or `export_dir` exists and `overwrite` is False.
+    """
+    saved = _saved_run(config)
+    model = build_model(saved, build_learner(saved))
+    _load_weights(saved, model)
+    export_dir = config.export_dir or os.path.join(saved.model_dir, EXPORT_DIR)
+    return export.export_model(model, export_dir, overwrite=config.overwrite)
 
 
 def summary(result):
@@ -407,5 +437,7 @@ def summary(result):
         lines.append(f"meta-training: {config.train_steps} steps in {result.train_seconds:.0f} s")
     if result.figure_path:
         lines.append(f"plot: {result.figure_path}")
+    if result.train_seconds is not None:
+        lines.append(f"SavedModel: {os.path.join(config.model_dir, EXPORT_DIR)}")
     lines.append(f"results: {config.model_dir}")
     return "\n".join(lines)

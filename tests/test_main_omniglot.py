@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from cli import run_main
@@ -78,3 +80,53 @@ def test_a_truncated_zip_gets_one_line_naming_it(full_size_omniglot, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "images_background.zip" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_training_writes_a_saved_model(omniglot_run):
+    model_dir, result = omniglot_run
+    assert f"SavedModel: {model_dir}/export" in result.stdout
+    assert (model_dir / "export" / "saved_model.pb").exists()
+
+
+def test_export_mode_writes_a_saved_model_that_adapts_to_a_5_way_1_shot_task(
+    omniglot_run, tmp_path
+):
+    model_dir, _ = omniglot_run
+    export_dir = tmp_path / "exported"
+    result = run_main("--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert str(export_dir) in result.stdout
+    # Loaded where only TensorFlow is imported, as a server would.
+    script = (
+        "import numpy as np, sys, tensorflow as tf\n"
+        "f = tf.saved_model.load(sys.argv[1]).signatures['adapt_and_predict']\n"
+        "x = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)\n"
+        "out = f(support_x=x, support_y=np.arange(5, dtype=np.int32), query_x=x)\n"
+        "print(out['probabilities'].shape, out['labels'].numpy().tolist())\n"
+        "assert 'maml_tf' not in sys.modules\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(export_dir)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    shape, labels = loaded.stdout.strip().split(") ")
+    assert shape == "(5, 5" and len(json.loads(labels)) == 5
+
+
+def test_export_into_an_existing_directory_is_refused_without_overwrite(omniglot_run, tmp_path):
+    model_dir, _ = omniglot_run
+    (tmp_path / "taken").mkdir()
+    refused = run_main(
+        "--mode=export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}/taken"
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"--export_dir={tmp_path}/taken already exists" in refused.stderr
+    replaced = run_main(
+        "--mode=export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}/taken", "--overwrite"
+    )
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert (tmp_path / "taken" / "saved_model.pb").exists()
