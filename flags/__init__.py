@@ -5,6 +5,8 @@ data set (`maml_tf.config`). Library code never reads FLAGS: `main.py` calls `to
 and passes the resulting frozen `Config` on. Symbols follow Finn et al. (2017), Algorithm 2.
 """
 
+import os
+
 from absl import flags
 
 from maml_tf.config import CHECKPOINTS, DATASETS, MODES, OMNIGLOT_SPLITS, TASK_LOOPS, Config
@@ -40,6 +42,8 @@ _CONFIG_FLAGS = (
     "checkpoint",
     "clip_value",
     "clip_norm",
+    "init_from",
+    "deterministic",
     "export_dir",
     "overwrite",
     "checkpoint_every",
@@ -243,6 +247,21 @@ def define_flags(flag_values=flags.FLAGS):
     )
     define(
         "string",
+        "init_from",
+        None,
+        "A run directory or pretrained model (config.json plus weights, e.g. "
+        "pretrained/omniglot_5w1s): training starts from its θ; with --mode=eval or "
+        "--mode=export it is the model to meta-test or export (results go to --model_dir).",
+    )
+    define(
+        "bool",
+        "deterministic",
+        False,
+        "Deterministic TensorFlow ops: with the same --seed two runs give the same metrics and "
+        "weights bit for bit (tf.config.experimental.enable_op_determinism).",
+    )
+    define(
+        "string",
         "export_dir",
         None,
         "Where --mode=export writes the SavedModel (signatures serve and adapt_and_predict). "
@@ -315,5 +334,9 @@ def to_config(flag_values=flags.FLAGS):
     """The frozen `Config` that the parsed flags describe (defaults not yet resolved)."""
     values = {name: flag_values[name].value for name in _CONFIG_FLAGS}
     if values["model_dir"] is None:
-        values["model_dir"] = f"runs/{values['dataset']}"
+        if values["init_from"]:
+            name = os.path.basename(os.path.normpath(values["init_from"]))
+            values["model_dir"] = f"runs/eval_{name}"
+        else:
+            values["model_dir"] = f"runs/{values['dataset']}"
     return Config(**values)

@@ -52,6 +52,9 @@ class Config:
       clip_value: clip each meta-gradient element to [−clip_value, clip_value] before the
         meta-update (the paper's code used 10 for miniImageNet), or None.
       clip_norm: scale the meta-gradient down to this global norm if it is larger, or None.
+      init_from: a run directory or pretrained model (`config.json` and weights): training
+        starts from its θ; `--mode=eval` and `--mode=export` use it instead of `model_dir`.
+      deterministic: make TensorFlow ops deterministic (same seed, same results bit for bit).
       export_dir: where `--mode=export` writes the SavedModel (None: MODEL_DIR/export, which
         training also writes at its end).
       overwrite: replace an existing export directory.
@@ -92,6 +95,8 @@ class Config:
     checkpoint: str = "best"
     clip_value: float | None = None
     clip_norm: float | None = None
+    init_from: str | None = None
+    deterministic: bool = False
     export_dir: str | None = None
     overwrite: bool = False
     checkpoint_every: int | None = None

@@ -7,9 +7,10 @@ import math
 import os
 
 import keras
+import tensorflow as tf
 from absl import logging
 
-from maml_tf import checkpoints, evaluation, export, learners, plots
+from maml_tf import checkpoints, evaluation, export, learners, monitoring, plots
 from maml_tf.config import Config
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
@@ -115,6 +116,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         )
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+        *monitoring.monitoring_callbacks(config, datasets, log_dir),
         checkpoints.StopOnNonFinite(),
         checkpoints.SaveTrainingState(
             state, config.checkpoint_every or steps_per_epoch, monitor, best_path
@@ -182,9 +184,9 @@ def _train_baseline(config, datasets):
     return build_model(config, baseline.learner, inner_lr), inner_lr
 
 
-def _load_weights(config, model):
-    """Loads the weights `config.checkpoint` names; returns which file was used."""
-    best = os.path.join(config.model_dir, BEST_WEIGHTS)
+def _load_weights(config, model, directory):
+    """Loads the weights `config.checkpoint` names from a run directory; returns the file name."""
+    best = os.path.join(directory, BEST_WEIGHTS)
     if config.checkpoint == "best" and os.path.exists(best):
         try:
             model.learner.load_weights(best)
@@ -192,15 +194,33 @@ def _load_weights(config, model):
             # Runs before the resumable checkpoints saved the whole MAML model here.
             model.load_weights(best)
         return BEST_WEIGHTS
-    final = os.path.join(config.model_dir, FINAL_WEIGHTS)
+    final = os.path.join(directory, FINAL_WEIGHTS)
     if not os.path.exists(final):
-        raise UserError(f"--model_dir={config.model_dir}: no weights ({final} is missing)")
+        raise UserError(f"{directory}: no weights ({final} is missing)")
     model.learner.load_weights(final)
     return FINAL_WEIGHTS
 
 
-def _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, results_name):
-    weights = _load_weights(config, model)
+def _init_from(config, model):
+    """Sets θ to the weights of the run or pretrained model in `config.init_from`."""
+    source = _source_config(config.init_from, "init_from")
+    for name in ("dataset", "learner", "conv_variant", "filters", "n_way", "image_size"):
+        if getattr(source, name) != getattr(config, name):
+            raise UserError(
+                f"--init_from={config.init_from} is a model with {name}={getattr(source, name)}, "
+                f"but this run has {name}={getattr(config, name)}"
+            )
+    try:
+        used = _load_weights(config, model, config.init_from)
+    except ValueError as error:
+        raise UserError(f"--init_from={config.init_from}: weights do not fit ({error})") from None
+    logging.info("θ initialised from %s", os.path.join(config.init_from, used))
+
+
+def _finish(
+    config, model, datasets, train_seconds, baseline, baseline_inner_lr, results_name, weights_dir
+):
+    weights = os.path.join(weights_dir, _load_weights(config, model, weights_dir))
     protocol = {
         **datasets.protocol,
         "dataset": config.dataset,
@@ -307,11 +327,16 @@ def train(config):
     """
     config = config.resolve()
     _check_same_run(config)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     datasets = build_datasets(config)
     os.makedirs(config.model_dir, exist_ok=True)
     config.save(config.config_path)
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, build_learner(config))
+    if config.init_from:
+        # Before `_fit`, which replaces θ again when it resumes the run from a save.
+        _init_from(config, model)
     state = _fit(
         config,
         model,
@@ -327,7 +352,16 @@ def train(config):
     baseline = baseline_inner_lr = None
     if config.baseline and config.dataset == "sinusoid":
         baseline, baseline_inner_lr = _train_baseline(config, datasets)
-    result = _finish(config, model, datasets, train_seconds, baseline, baseline_inner_lr, RESULTS)
+    result = _finish(
+        config,
+        model,
+        datasets,
+        train_seconds,
+        baseline,
+        baseline_inner_lr,
+        RESULTS,
+        config.model_dir,
+    )
     # The run's own export, of the weights it meta-tested, replaced when the run is re-run.
     export.export_model(model, os.path.join(config.model_dir, EXPORT_DIR), overwrite=True)
     return result
@@ -349,44 +383,83 @@ EVAL_OVERRIDES = (
 
 
 def evaluate(config):
-    """Meta-tests the run saved in `config.model_dir` (its saved config decides the model).
+    """Meta-tests the run saved in `config.model_dir`, or the model in `config.init_from`.
+
+    The saved config decides the model; its protocol fields (`EVAL_OVERRIDES`) are replaced by
+    those set in `config`.
 
     Args:
-      config: a `Config`; its `model_dir` must hold a trained run. Its protocol fields
-        (`EVAL_OVERRIDES`) replace the saved ones where they are set.
+      config: a `Config` whose `init_from` or else `model_dir` holds a trained run (or a
+        pretrained model: `config.json` and weights).
 
     Returns:
-      `RunResult` with `train_seconds` None; also written to `eval_results.json` (the training
-      run's `results.json` is left as it was).
+      `RunResult` with `train_seconds` None; also written to `MODEL_DIR/eval_results.json` (a
+      training run's `results.json` is left as it was).
 
     Raises:
-      UserError: no run in `model_dir`, or bad data.
+      UserError: no run there, a flag that contradicts the saved model, or bad data.
     """
     saved = _saved_run(config)
+    if saved.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    weights_dir = saved.init_from or saved.model_dir
     datasets = build_datasets(saved)
     model = build_model(saved, build_learner(saved))
     baseline = baseline_inner_lr = None
-    results_path = os.path.join(saved.model_dir, RESULTS)
-    baseline_path = os.path.join(saved.model_dir, BASELINE_WEIGHTS)
+    results_path = os.path.join(weights_dir, RESULTS)
+    baseline_path = os.path.join(weights_dir, BASELINE_WEIGHTS)
     if os.path.exists(baseline_path) and os.path.exists(results_path):
         with open(results_path) as f:
             baseline_inner_lr = json.load(f).get("baseline_inner_lr")
         if baseline_inner_lr:
             baseline = build_model(saved, build_learner(saved), baseline_inner_lr)
             baseline.learner.load_weights(baseline_path)
-    return _finish(saved, model, datasets, None, baseline, baseline_inner_lr, EVAL_RESULTS)
+    os.makedirs(saved.model_dir, exist_ok=True)
+    return _finish(
+        saved, model, datasets, None, baseline, baseline_inner_lr, EVAL_RESULTS, weights_dir
+    )
+
+
+def _source_config(directory, flag):
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"--{flag}={directory}: no trained run or model here ({path} is missing)")
+    try:
+        return Config.load(path).resolve()
+    except (ValueError, TypeError, KeyError) as error:
+        raise UserError(f"{path}: not a maml_tf config ({error})") from None
+
+
+# Fields that only say where a run's files go or how it talks; never compared with a saved run.
+_PLUMBING = ("model_dir", "init_from", "export_dir", "overwrite", "allow_changed")
 
 
 def _saved_run(config):
-    """The config of the run in `config.model_dir`, with `EVAL_OVERRIDES` taken from `config`."""
-    path = config.config_path
-    if not os.path.exists(path):
-        raise UserError(f"--model_dir={config.model_dir}: no trained run here ({path} is missing)")
-    saved = config.load(path)
+    """The config of the saved run to meta-test or export, with `EVAL_OVERRIDES` from `config`.
+
+    The run is `config.init_from` if set, else `config.model_dir`. A hyperparameter set in
+    `config` (not None) that differs from the saved one is an error rather than silently
+    ignored: the saved model cannot change, say, its number of ways.
+    """
+    flag, directory = (
+        ("init_from", config.init_from) if config.init_from else ("model_dir", config.model_dir)
+    )
+    saved = _source_config(directory, flag)
+    for field in dataclasses.fields(Config):
+        name, asked = field.name, getattr(config, field.name)
+        if name in EVAL_OVERRIDES or name in _PLUMBING or field.default is not None:
+            continue
+        if asked is not None and asked != getattr(saved, name):
+            raise UserError(
+                f"--{name}={asked}: the model in --{flag}={directory} was trained with "
+                f"{name}={getattr(saved, name)}"
+            )
     overrides = {
         name: getattr(config, name) for name in EVAL_OVERRIDES if getattr(config, name) is not None
     }
-    return dataclasses.replace(saved, model_dir=config.model_dir, **overrides).resolve()
+    return dataclasses.replace(
+        saved, model_dir=config.model_dir, init_from=config.init_from, **overrides
+    ).resolve()
 
 
 def export_run(config):
@@ -403,7 +476,7 @@ def export_run(config):
     """
     saved = _saved_run(config)
     model = build_model(saved, build_learner(saved))
-    _load_weights(saved, model)
+    _load_weights(saved, model, saved.init_from or saved.model_dir)
     export_dir = config.export_dir or os.path.join(saved.model_dir, EXPORT_DIR)
     return export.export_model(model, export_dir, overwrite=config.overwrite)
 

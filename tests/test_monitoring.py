@@ -1,0 +1,256 @@
+"""TensorBoard logs of a tiny real `fit`: every summary the run promises is in the event files."""
+
+import collections
+import glob
+import os
+import re
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+from maml_tf import MAML, learners, monitoring
+from maml_tf.config import Config
+from maml_tf.data import episodes, sinusoid
+
+EPOCHS = 2
+EVAL_STEPS = 2
+
+# What one event file holds: run -> tag -> {step: summary value} and tag -> plugin name.
+Logs = collections.namedtuple("Logs", ["values", "plugins"])
+
+
+def events(log_dir):
+    """(run, step, summary value) of every summary under `log_dir`, run relative to `log_dir`."""
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        run = os.path.relpath(os.path.dirname(path), log_dir)
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                yield run, event.step, value
+
+
+def read_logs(log_dir):
+    """Every summary under `log_dir`, keyed by run, tag and step (the last value per step)."""
+    values = collections.defaultdict(lambda: collections.defaultdict(dict))
+    plugins = {}
+    for run, step, value in events(log_dir):
+        values[run][value.tag][step] = value
+        if value.metadata.plugin_data.plugin_name:
+            plugins[value.tag] = value.metadata.plugin_data.plugin_name
+    return Logs(values, plugins)
+
+
+def fit_with_monitoring(config, model, train, val, log_dir):
+    """What `training._fit` does, with the monitoring callbacks wired in."""
+    model.compile(optimizer=keras.optimizers.Adam(config.outer_lr))
+    callbacks = [
+        keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+        *monitoring.monitoring_callbacks(config, types.SimpleNamespace(val=val), log_dir),
+    ]
+    model.fit(
+        train,
+        epochs=EPOCHS,
+        steps_per_epoch=config.steps_per_epoch,
+        validation_data=val,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=0,
+    )
+    return read_logs(log_dir)
+
+
+def tiny_config(tmp_path, **kwargs):
+    return Config(
+        model_dir=str(tmp_path),
+        meta_batch_size=2,
+        k_shot=1,
+        n_query=2,
+        inner_steps=1,
+        eval_inner_steps=EVAL_STEPS,
+        train_steps=2 * EPOCHS,
+        steps_per_epoch=2,
+        val_tasks=2,
+        **kwargs,
+    ).resolve()
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sinusoid")
+    config = tiny_config(tmp_path, dataset="sinusoid", outer_lr=0.002)
+    keras.utils.set_random_seed(0)
+    model = MAML(learners.mlp(hidden=(8, 8)), inner_lr=config.inner_lr, eval_inner_steps=EVAL_STEPS)
+
+    def tasks(split, num_tasks):
+        return sinusoid.task_dataset(
+            config.k_shot, config.n_query, config.meta_batch_size, 0, split, num_tasks
+        )
+
+    logs = fit_with_monitoring(config, model, tasks("train", None), tasks("val", 2), tmp_path)
+    return config, logs
+
+
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("classification")
+    config = tiny_config(tmp_path, dataset="omniglot", n_way=3, filters=4)
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 28, 28, 1), dtype=np.uint8)
+    keras.utils.set_random_seed(0)
+    learner = learners.conv4(config.n_way, image_shape=(28, 28, 1), variant="strided", filters=4)
+    model = MAML(
+        learner,
+        inner_lr=config.inner_lr,
+        eval_inner_steps=EVAL_STEPS,
+        loss="sparse_categorical_crossentropy",
+    )
+
+    def tasks(num_tasks):
+        return episodes.episode_dataset(
+            images, config.n_way, config.k_shot, config.n_query, 2, 0, num_tasks=num_tasks
+        )
+
+    logs = fit_with_monitoring(config, model, tasks(None), tasks(2), tmp_path)
+    return config, logs
+
+
+def session_start(logs):
+    """The hparams session start of the run written in the log directory itself."""
+    value = logs.values["."]["_hparams_/session_start_info"][0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    return data.session_start_info
+
+
+def experiment(logs):
+    value = logs.values["."]["_hparams_/experiment"][0]
+    return plugin_data_pb2.HParamsPluginData.FromString(
+        value.metadata.plugin_data.content
+    ).experiment
+
+
+def test_train_run_has_query_loss_support_loss_and_accuracy_per_epoch(classification_run):
+    _, logs = classification_run
+    for tag in ("epoch_query_loss", "epoch_support_loss", "epoch_query_accuracy"):
+        assert set(logs.values["train"][tag]) == set(range(EPOCHS)), tag
+
+
+def test_sinusoid_train_run_has_query_and_support_loss(sinusoid_run):
+    _, logs = sinusoid_run
+    assert {"epoch_query_loss", "epoch_support_loss"} <= set(logs.values["train"])
+
+
+def test_learning_rate_is_logged_as_epoch_learning_rate(sinusoid_run):
+    config, logs = sinusoid_run
+    for value in logs.values["train"]["epoch_learning_rate"].values():
+        assert tf.make_ndarray(value.tensor) == pytest.approx(config.outer_lr)
+
+
+def test_validation_run_has_every_inner_step(classification_run):
+    _, logs = classification_run
+    expected = {"epoch_query_loss", "epoch_query_accuracy", "epoch_support_loss"}
+    for i in range(EVAL_STEPS + 1):
+        expected |= {f"epoch_query_loss_step_{i}", f"epoch_query_accuracy_step_{i}"}
+    assert expected <= set(logs.values["validation"])
+
+
+def test_hparams_session_holds_the_config(classification_run):
+    config, logs = classification_run
+    hparams = session_start(logs).hparams
+    assert hparams["inner_lr"].number_value == pytest.approx(config.inner_lr)
+    assert hparams["outer_lr"].number_value == pytest.approx(config.outer_lr)
+    assert hparams["first_order"].bool_value == config.first_order
+    assert hparams["dataset"].string_value == "omniglot"
+    for name in ("inner_steps", "eval_inner_steps", "meta_batch_size", "n_way", "k_shot", "seed"):
+        assert hparams[name].number_value == getattr(config, name), name
+
+
+def test_hparams_metrics_are_logged_where_the_experiment_says(classification_run):
+    _, logs = classification_run
+    metrics = experiment(logs).metric_infos
+    assert {(m.name.group, m.name.tag) for m in metrics} >= {
+        ("validation", "epoch_query_accuracy"),
+        ("validation", "epoch_query_loss"),
+    }
+    for metric in metrics:
+        assert metric.name.tag in logs.values[metric.name.group], metric
+
+
+def test_hparams_session_ends_with_success(sinusoid_run):
+    _, logs = sinusoid_run
+    value = logs.values["."]["_hparams_/session_end_info"][0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    assert data.session_end_info.status == api_pb2.STATUS_SUCCESS
+
+
+def test_inner_step_layout_matches_the_validation_tags(classification_run):
+    _, logs = classification_run
+    value = logs.values["."]["custom_scalars__config__"][0]
+    layout = layout_pb2.Layout.FromString(tf.make_ndarray(value.tensor).item())
+    charts = [chart for category in layout.category for chart in category.chart]
+    assert len(charts) == 2
+    for chart in charts:
+        (regex,) = chart.multiline.tag
+        matched = [tag for tag in logs.values["validation"] if re.search(regex, tag)]
+        assert len(matched) == EVAL_STEPS + 1, regex
+
+
+def test_episode_images_are_written_once_at_train_begin(classification_run):
+    _, logs = classification_run
+    for tag in monitoring.EPISODE_TAGS.values():
+        assert logs.plugins[tag] == "images"
+        (step,) = logs.values["."][tag]
+        assert step == 0
+
+
+def test_episode_image_is_a_png_with_one_column_per_label(classification_run):
+    _, logs = classification_run
+    value = logs.values["."][monitoring.EPISODE_TAGS["query"]][0]
+    width, height, png = tf.make_ndarray(value.tensor)
+    image = tf.io.decode_png(png).numpy()
+    assert image.shape[:2] == (int(height), int(width))
+    # n_way = 3 columns of n_query = 2 images: wider than tall.
+    assert int(width) > int(height) > 0
+
+
+def test_sinusoid_fit_is_written_every_epoch(sinusoid_run):
+    _, logs = sinusoid_run
+    assert logs.plugins[monitoring.SINUSOID_FIT_TAG] == "images"
+    assert set(logs.values["."][monitoring.SINUSOID_FIT_TAG]) == set(range(EPOCHS))
+
+
+def test_each_task_type_gets_only_its_own_images(sinusoid_run, classification_run):
+    assert monitoring.SINUSOID_FIT_TAG not in classification_run[1].values["."]
+    for tag in monitoring.EPISODE_TAGS.values():
+        assert tag not in sinusoid_run[1].values["."]
+
+
+def test_run_hparams_reports_the_models_inner_loop():
+    config = Config(dataset="sinusoid").resolve()
+    baseline = MAML(learners.mlp(hidden=(4,)), inner_lr=0.05, inner_steps=0, eval_inner_steps=3)
+    hparams = monitoring.run_hparams(config, baseline)
+    assert (hparams["inner_steps"], hparams["inner_lr"], hparams["eval_inner_steps"]) == (
+        0,
+        0.05,
+        3,
+    )
+    assert "n_way" not in hparams and "split" not in hparams
+
+
+def test_a_run_of_several_fits_describes_itself_once(tmp_path):
+    config = tiny_config(tmp_path, dataset="omniglot", n_way=3)
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28, 1), dtype=np.uint8)
+    val = episodes.episode_dataset(images, 3, 1, 2, 1, 0, num_tasks=1)
+    callbacks = monitoring.monitoring_callbacks(config, types.SimpleNamespace(val=val), tmp_path)
+    model = MAML(learners.mlp(hidden=(4,)), inner_lr=0.1)
+    for _ in range(2):  # what `fit` calls, twice
+        for callback in callbacks:
+            callback.set_model(model)
+            callback.on_train_begin()
+            callback.on_train_end()
+    counts = collections.Counter(value.tag for _, _, value in events(tmp_path))
+    once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
+    assert [counts[tag] for tag in once + list(monitoring.EPISODE_TAGS.values())] == [1] * 5
