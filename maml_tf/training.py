@@ -60,6 +60,12 @@ def build_learner(config):
     if config.learner == "mlp":
         return learners.mlp()
     if config.learner == "conv4":
+        # Four 2x2 max-pools with "valid" padding need at least 16 pixels a side.
+        if config.conv_variant == "maxpool" and config.image_size < 16:
+            raise UserError(
+                f"--image_size={config.image_size} is too small for conv4 with max-pooling "
+                "(four 2x2 pools need at least 16); use a larger size or --conv_variant=strided"
+            )
         return learners.conv4(
             config.n_way,
             image_shape=config.image_shape,
@@ -201,8 +207,8 @@ def _load_weights(config, model, directory):
     return FINAL_WEIGHTS
 
 
-def _init_from(config, model):
-    """Sets θ to the weights of the run or pretrained model in `config.init_from`."""
+def _check_init_from(config):
+    """Refuses an `init_from` that is missing or whose network differs from the run's."""
     source = _source_config(config.init_from, "init_from")
     for name in ("dataset", "learner", "conv_variant", "filters", "n_way", "image_size"):
         if getattr(source, name) != getattr(config, name):
@@ -210,6 +216,10 @@ def _init_from(config, model):
                 f"--init_from={config.init_from} is a model with {name}={getattr(source, name)}, "
                 f"but this run has {name}={getattr(config, name)}"
             )
+
+
+def _init_from(config, model):
+    """Sets θ to the weights of the run or pretrained model in `config.init_from`."""
     try:
         used = _load_weights(config, model, config.init_from)
     except ValueError as error:
@@ -327,6 +337,8 @@ def train(config):
     """
     config = config.resolve()
     _check_same_run(config)
+    if config.init_from:
+        _check_init_from(config)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     datasets = build_datasets(config)

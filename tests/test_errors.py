@@ -1,0 +1,208 @@
+"""Bad input: one `error:` line naming the flag or file, a non-zero exit, never a traceback.
+
+One test per case a user can meet; each runs `python main.py` as the user would. Flag errors
+found by absl's validators come before TensorFlow loads; data and model errors after.
+"""
+
+import shutil
+
+import pytest
+from cli import run_main
+from test_main_folder import write_folder_dataset
+
+FOLDER_RUN = (
+    "--dataset=folder",
+    "--image_size=16",
+    "--n_way=2",
+    "--k_shot=1",
+    "--n_query=1",
+    "--filters=4",
+    "--meta_batch_size=2",
+    "--train_steps=2",
+    "--steps_per_epoch=2",
+    "--val_tasks=2",
+    "--test_tasks=2",
+    "--eval_inner_steps=1",
+    "--verbose=0",
+)
+
+
+def assert_one_error_naming(result, *names):
+    """The run failed with exactly one `error:` line (or absl's flag message) naming `names`."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for name in names:
+        assert name in result.stderr, (name, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    if errors:
+        assert len(errors) == 1, errors
+        assert all(name in errors[0] for name in names), errors[0]
+
+
+@pytest.fixture
+def folder_data(tmp_path):
+    return write_folder_dataset(tmp_path / "images", classes=3, images=4, side=8)
+
+
+# ------------------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize(
+    "flag,name",
+    [
+        ("--train_steps=0", "train_steps"),
+        ("--steps_per_epoch=-5", "steps_per_epoch"),
+        ("--k_shot=0", "k_shot"),
+        ("--n_way=1", "n_way"),
+        ("--checkpoint_every=0", "checkpoint_every"),
+        ("--clip_norm=-1", "clip_norm"),
+        ("--train_steps=1500", "steps_per_epoch"),
+    ],
+)
+def test_an_out_of_range_count_names_the_flag(flag, name, tmp_path):
+    assert_one_error_naming(run_main(flag, f"--model_dir={tmp_path}/run"), name)
+
+
+def test_an_image_size_too_small_for_max_pooling_names_the_flag(folder_data, tmp_path):
+    result = run_main(
+        *FOLDER_RUN, "--image_size=8", f"--data_dir={folder_data}", f"--model_dir={tmp_path}/r"
+    )
+    assert_one_error_naming(result, "--image_size=8")
+
+
+def test_an_unknown_allowed_change_names_it(tmp_path):
+    result = run_main("--allow_changed=inner_rate", f"--model_dir={tmp_path}/run")
+    assert_one_error_naming(result, "--allow_changed", "inner_rate")
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+def test_n_way_larger_than_a_split_names_the_flag_and_split(folder_data, tmp_path):
+    result = run_main(
+        *FOLDER_RUN, f"--data_dir={folder_data}", "--n_way=4", f"--model_dir={tmp_path}/run"
+    )
+    assert_one_error_naming(result, "--n_way=4", "train split")
+
+
+def test_more_shots_and_queries_than_examples_names_the_flags(folder_data, tmp_path):
+    result = run_main(
+        *FOLDER_RUN,
+        f"--data_dir={folder_data}",
+        "--k_shot=2",
+        "--n_query=3",
+        f"--model_dir={tmp_path}/run",
+    )
+    assert_one_error_naming(result, "--k_shot=2", "--n_query=3")
+
+
+def test_a_missing_data_dir_flag_is_named(tmp_path):
+    result = run_main(*FOLDER_RUN, f"--model_dir={tmp_path}/run")
+    assert_one_error_naming(result, "--data_dir")
+
+
+def test_a_data_dir_that_does_not_exist_is_named(tmp_path):
+    result = run_main(*FOLDER_RUN, f"--data_dir={tmp_path}/nowhere", f"--model_dir={tmp_path}/r")
+    assert_one_error_naming(result, f"--data_dir={tmp_path}/nowhere")
+
+
+def test_a_folder_of_the_wrong_layout_is_named(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")
+    result = run_main(*FOLDER_RUN, f"--data_dir={tmp_path}/flat", f"--model_dir={tmp_path}/r")
+    assert_one_error_naming(result, "train/")
+
+
+def test_an_omniglot_dir_without_the_zips_is_named(tmp_path):
+    (tmp_path / "omniglot").mkdir()
+    (tmp_path / "omniglot" / "README").write_text("nothing here")
+    result = run_main(
+        "--dataset=omniglot", f"--data_dir={tmp_path}/omniglot", f"--model_dir={tmp_path}/r"
+    )
+    assert_one_error_naming(result, f"{tmp_path}/omniglot")
+
+
+def test_an_unreadable_image_is_named(folder_data, tmp_path):
+    broken = folder_data / "val" / "nval001" / "2.jpg"
+    broken.write_bytes(b"not a jpeg")
+    result = run_main(*FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
+    assert_one_error_naming(result, str(broken))
+
+
+def test_a_class_with_too_few_images_is_named(folder_data, tmp_path):
+    for image in sorted((folder_data / "test" / "ntest002").iterdir())[1:]:
+        image.unlink()
+    result = run_main(*FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
+    assert_one_error_naming(result, "ntest002", "test split")
+
+
+def test_an_empty_class_folder_is_named(folder_data, tmp_path):
+    empty = folder_data / "train" / "ntrain001"
+    shutil.rmtree(empty)
+    empty.mkdir()
+    result = run_main(*FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
+    assert_one_error_naming(result, str(empty))
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def test_init_from_nothing_is_named(tmp_path):
+    result = run_main(f"--init_from={tmp_path}/none", "--mode=eval", f"--model_dir={tmp_path}/r")
+    assert_one_error_naming(result, f"--init_from={tmp_path}/none")
+
+
+def test_training_from_nothing_is_named(tmp_path):
+    result = run_main(
+        f"--init_from={tmp_path}/none",
+        "--train_steps=2",
+        "--steps_per_epoch=2",
+        f"--model_dir={tmp_path}/run",
+    )
+    assert_one_error_naming(result, f"--init_from={tmp_path}/none")
+
+
+@pytest.fixture(scope="module")
+def two_way_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_way")
+    data_dir = write_folder_dataset(root / "images", classes=3, images=4, side=8)
+    trained = run_main(*FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={root}/model")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return data_dir, root / "model"
+
+
+def test_training_from_a_model_with_other_ways_is_refused(two_way_model, tmp_path):
+    data_dir, model = two_way_model
+    result = run_main(
+        *FOLDER_RUN,
+        f"--data_dir={data_dir}",
+        "--n_way=3",
+        f"--init_from={model}",
+        f"--model_dir={tmp_path}/run",
+    )
+    assert_one_error_naming(result, f"--init_from={model}", "n_way=2", "n_way=3")
+
+
+def test_meta_testing_a_model_with_other_ways_is_refused(two_way_model, tmp_path):
+    data_dir, model = two_way_model
+    result = run_main(
+        "--mode=eval",
+        f"--data_dir={data_dir}",
+        "--n_way=3",
+        f"--init_from={model}",
+        f"--model_dir={tmp_path}/run",
+    )
+    assert_one_error_naming(result, "--n_way=3", f"--init_from={model}")
+
+
+def test_meta_testing_from_init_from_writes_to_model_dir(two_way_model, tmp_path):
+    data_dir, model = two_way_model
+    result = run_main(
+        "--mode=eval",
+        f"--data_dir={data_dir}",
+        f"--init_from={model}",
+        f"--model_dir={tmp_path}/eval",
+        "--test_tasks=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "eval" / "eval_results.json").exists()
