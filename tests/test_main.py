@@ -90,3 +90,28 @@ def test_helpfull_lists_every_flag_with_its_symbol():
     result = run_main("--helpfull")
     for text in ("--inner_lr", "α", "--outer_lr", "β", "--meta_batch_size", "--eval_inner_steps"):
         assert text in result.stdout
+
+
+def test_deterministic_runs_with_one_seed_agree_bit_for_bit(tmp_path):
+    outputs = []
+    for name in ("a", "b"):
+        model_dir = tmp_path / name
+        result = run_main(
+            "--deterministic",
+            "--seed=3",
+            "--train_steps=20",
+            "--steps_per_epoch=10",
+            "--val_tasks=5",
+            "--test_tasks=10",
+            "--eval_inner_steps=2",
+            "--verbose=0",
+            f"--model_dir={model_dir}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        results = json.loads((model_dir / "results.json").read_text())
+        assert results["config"]["seed"] == 3 and results["config"]["deterministic"]
+        weights = (model_dir / "learner.weights.h5").read_bytes()
+        outputs.append((results["test"], results["baseline_test"], weights))
+    assert outputs[0][0] == outputs[1][0]
+    assert outputs[0][1] == outputs[1][1]
+    assert outputs[0][2] == outputs[1][2]
