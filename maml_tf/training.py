@@ -191,20 +191,32 @@ def _train_baseline(config, datasets):
 
 
 def _load_weights(config, model, directory):
-    """Loads the weights `config.checkpoint` names from a run directory; returns the file name."""
+    """Loads the weights `config.checkpoint` names from a run directory; returns the file name.
+
+    Raises:
+      UserError: no weights there, or weights of another network.
+    """
     best = os.path.join(directory, BEST_WEIGHTS)
     if config.checkpoint == "best" and os.path.exists(best):
+        path, loaders = best, (model.learner.load_weights, model.load_weights)
+    else:
+        path, loaders = os.path.join(directory, FINAL_WEIGHTS), (model.learner.load_weights,)
+        if not os.path.exists(path):
+            raise UserError(f"{directory}: no weights ({path} is missing)")
+    # Runs before the resumable checkpoints saved the whole MAML model as the best weights;
+    # anything else that does not load is another network.
+    for i, load in enumerate(loaders):
         try:
-            model.learner.load_weights(best)
-        except ValueError:
-            # Runs before the resumable checkpoints saved the whole MAML model here.
-            model.load_weights(best)
-        return BEST_WEIGHTS
-    final = os.path.join(directory, FINAL_WEIGHTS)
-    if not os.path.exists(final):
-        raise UserError(f"{directory}: no weights ({final} is missing)")
-    model.learner.load_weights(final)
-    return FINAL_WEIGHTS
+            load(path)
+        except ValueError as error:
+            if i + 1 < len(loaders):
+                continue
+            reason = str(error).strip().splitlines()[0]
+            raise UserError(
+                f"{path}: these weights do not fit the network the run's config.json "
+                f"describes ({reason})"
+            ) from None
+        return os.path.basename(path)
 
 
 def _check_init_from(config):
@@ -220,10 +232,7 @@ def _check_init_from(config):
 
 def _init_from(config, model):
     """Sets θ to the weights of the run or pretrained model in `config.init_from`."""
-    try:
-        used = _load_weights(config, model, config.init_from)
-    except ValueError as error:
-        raise UserError(f"--init_from={config.init_from}: weights do not fit ({error})") from None
+    used = _load_weights(config, model, config.init_from)
     logging.info("θ initialised from %s", os.path.join(config.init_from, used))
 
 
