@@ -4,6 +4,8 @@
     python main.py --k_shot=5 --model_dir=runs/k5   # another K
     python main.py --mode=eval --model_dir=runs/k5  # meta-test a saved run again
     python main.py --mode=export --model_dir=runs/k5 --export_dir=exports/k5
+    python main.py --mode=tune --tuner=bayesian --max_trials=20 --train_steps=5000
+    python main.py --flagfile=runs/sinusoid/tuning/best.flags --model_dir=runs/tuned
     python main.py --helpfull                       # every flag
 
 All logic lives in `maml_tf`, so tests and notebooks call the same functions with a Config.
@@ -30,9 +32,14 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = flags.to_config(FLAGS)
     # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
-    from maml_tf import training
+    from maml_tf import training, tuning
 
-    run = {"train": training.train, "eval": training.evaluate, "export": training.export_run}
+    run = {
+        "train": training.train,
+        "eval": training.evaluate,
+        "export": training.export_run,
+        "tune": tuning.tune,
+    }
     try:
         result = run[FLAGS.mode](config)
     except UserError as error:
@@ -40,6 +47,8 @@ def main(argv):
         sys.exit(1)
     if FLAGS.mode == "export":
         print(f"SavedModel with signatures serve and adapt_and_predict: {result.path}")
+    elif FLAGS.mode == "tune":
+        print(tuning.summary(result))
     else:
         print(training.summary(result))
 

@@ -9,7 +9,16 @@ import os
 
 from absl import flags
 
-from maml_tf.config import CHECKPOINTS, DATASETS, MODES, OMNIGLOT_SPLITS, TASK_LOOPS, Config
+from maml_tf.config import (
+    CHECKPOINTS,
+    DATASETS,
+    MODES,
+    OMNIGLOT_SPLITS,
+    RANGES,
+    TASK_LOOPS,
+    TUNERS,
+    Config,
+)
 
 # Fields of Config that have a flag of the same name.
 _CONFIG_FLAGS = (
@@ -50,6 +59,16 @@ _CONFIG_FLAGS = (
     "keep_checkpoints",
     "allow_changed",
     "verbose",
+    "tuner",
+    "max_trials",
+    "tune_dir",
+    "inner_lr_range",
+    "outer_lr_range",
+    "inner_steps_range",
+    "eval_inner_steps_range",
+    "tune_first_order",
+    "hyperband_factor",
+    "initial_points",
 )
 
 
@@ -59,6 +78,28 @@ def _positive(name, symbol, flag_values):
         name,
         lambda v: v is None or v > 0,
         message=f"{label} must be greater than 0",
+        flag_values=flag_values,
+    )
+
+
+def _range(name, least, flag_values):
+    """LOW,HIGH with least <= LOW <= HIGH (0 < LOW for a float range)."""
+    kind = RANGES[name]
+
+    def valid(value):
+        if value is None:
+            return True
+        try:
+            low, high = (kind(v) for v in value)
+        except ValueError:
+            return False
+        return (low > 0 if kind is float else low >= least) and low <= high
+
+    bound = "0 < LOW" if kind is float else f"{least} <= LOW"
+    flags.register_validator(
+        name,
+        valid,
+        message=f"{name} must be LOW,HIGH with {bound} <= HIGH",
         flag_values=flag_values,
     )
 
@@ -79,7 +120,8 @@ def define_flags(flag_values=flags.FLAGS):
         "mode",
         "train",
         "train: meta-train, meta-test and export; eval: meta-test a saved run in --model_dir; "
-        "export: write the run in --model_dir as a SavedModel to --export_dir.",
+        "export: write the run in --model_dir as a SavedModel to --export_dir; "
+        "tune: search α, β, step counts (and order) with keras-tuner, writing TUNE_DIR/best.flags.",
         enum_values=list(MODES),
     )
     define(
@@ -287,6 +329,77 @@ def define_flags(flag_values=flags.FLAGS):
     )
     define("integer", "verbose", 1, "Keras output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
+    # Hyperparameter search (--mode=tune). Each trial trains --train_steps meta-updates in epochs
+    # of --steps_per_epoch and is scored on the --val_tasks fixed validation tasks.
+    define(
+        "enum",
+        "tuner",
+        "random",
+        "--mode=tune: random search, bayesian (Gaussian process) or hyperband (successive "
+        "halving over epochs of --steps_per_epoch, up to --train_steps).",
+        enum_values=list(TUNERS),
+    )
+    define(
+        "integer",
+        "max_trials",
+        10,
+        "--mode=tune: trials in all. Running the same search again continues it: finished "
+        "trials are kept, so a larger value adds trials.",
+    )
+    define(
+        "string",
+        "tune_dir",
+        None,
+        "--mode=tune: directory of the search (keras-tuner state, TensorBoard logs, trials.md, "
+        "best.flags). Default: MODEL_DIR/tuning.",
+    )
+    define(
+        "list",
+        "inner_lr_range",
+        None,
+        "--mode=tune: LOW,HIGH of α, searched on a log scale (LOW=HIGH fixes it). "
+        "Default: a decade either side of --inner_lr.",
+    )
+    define(
+        "list",
+        "outer_lr_range",
+        None,
+        "--mode=tune: LOW,HIGH of β, searched on a log scale. "
+        "Default: a decade either side of --outer_lr.",
+    )
+    define(
+        "list",
+        "inner_steps_range",
+        None,
+        "--mode=tune: LOW,HIGH of k, the inner steps in meta-training. Default: --inner_steps.",
+    )
+    define(
+        "list",
+        "eval_inner_steps_range",
+        None,
+        "--mode=tune: LOW,HIGH of the inner steps at validation (the score is after the last). "
+        "Default: --eval_inner_steps.",
+    )
+    define(
+        "bool",
+        "tune_first_order",
+        False,
+        "--mode=tune: also search first- against second-order MAML (else --first_order).",
+    )
+    define(
+        "integer",
+        "hyperband_factor",
+        3,
+        "--tuner=hyperband: η, each round keeps 1/η of the trials and trains them η times longer.",
+    )
+    define(
+        "integer",
+        "initial_points",
+        None,
+        "--tuner=bayesian: random trials before the Gaussian process chooses. "
+        "Default: 3 × the number of searched hyperparameters.",
+    )
+
     for name, symbol in [
         ("inner_lr", "α"),
         ("outer_lr", "β"),
@@ -318,6 +431,16 @@ def define_flags(flag_values=flags.FLAGS):
         message="eval_inner_steps must be 0 or more",
         flag_values=flag_values,
     )
+    flags.register_validator(
+        "hyperband_factor",
+        lambda v: v >= 2,
+        message="hyperband_factor (η) must be at least 2",
+        flag_values=flag_values,
+    )
+    _range("inner_lr_range", 0, flag_values)
+    _range("outer_lr_range", 0, flag_values)
+    _range("inner_steps_range", 1, flag_values)
+    _range("eval_inner_steps_range", 0, flag_values)
     flags.register_multi_flags_validator(
         ["train_steps", "steps_per_epoch"],
         lambda f: (

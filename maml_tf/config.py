@@ -8,7 +8,15 @@ import json
 import os
 
 DATASETS = ("sinusoid", "omniglot", "folder")
-MODES = ("train", "eval", "export")
+MODES = ("train", "eval", "export", "tune")
+TUNERS = ("random", "bayesian", "hyperband")
+# Config fields holding a (low, high) search range, and the type of their bounds.
+RANGES = {
+    "inner_lr_range": float,
+    "outer_lr_range": float,
+    "inner_steps_range": int,
+    "eval_inner_steps_range": int,
+}
 OMNIGLOT_SPLITS = ("maml", "lake")
 CHECKPOINTS = ("best", "final")
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
@@ -64,6 +72,19 @@ class Config:
       allow_changed: names of hyperparameters that may differ from those of the run already in
         `model_dir` when it is continued.
       verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
+      tuner: `--mode=tune`'s keras-tuner search: "random", "bayesian" or "hyperband".
+      max_trials: trials of the search in all (a larger value continues a finished search).
+      tune_dir: where the search lives (None: MODEL_DIR/tuning).
+      inner_lr_range: (low, high) of α, searched on a log scale (None: a decade either side of
+        `inner_lr`; low == high fixes it).
+      outer_lr_range: (low, high) of β, log scale (None: a decade either side of `outer_lr`).
+      inner_steps_range: (low, high) of the meta-training inner steps (None: `inner_steps`).
+      eval_inner_steps_range: (low, high) of the validation inner steps (None:
+        `eval_inner_steps`).
+      tune_first_order: also search first- against second-order MAML (else `first_order`).
+      hyperband_factor: η of hyperband: each round keeps 1/η of the trials, trained η× longer.
+      initial_points: random trials before the Gaussian process of the bayesian search (None:
+        3 × the number of searched hyperparameters).
     """
 
     dataset: str = "sinusoid"
@@ -103,10 +124,24 @@ class Config:
     keep_checkpoints: int = 3
     allow_changed: tuple[str, ...] = ()
     verbose: int = 1
+    tuner: str = "random"
+    max_trials: int = 10
+    tune_dir: str | None = None
+    inner_lr_range: tuple[float, float] | None = None
+    outer_lr_range: tuple[float, float] | None = None
+    inner_steps_range: tuple[int, int] | None = None
+    eval_inner_steps_range: tuple[int, int] | None = None
+    tune_first_order: bool = False
+    hyperband_factor: int = 3
+    initial_points: int | None = None
 
     def __post_init__(self):
         # JSON and absl give lists; a frozen config holds a tuple.
         object.__setattr__(self, "allow_changed", tuple(self.allow_changed or ()))
+        for name, kind in RANGES.items():
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(kind(v) for v in value))
 
     def resolve(self):
         """Returns a copy with every None field set to the data set's default."""

@@ -302,6 +302,17 @@ CONTINUABLE_CHANGES = (
     "overwrite",
     "test_tasks",
     "baseline",
+    # --mode=tune's settings.
+    "tuner",
+    "max_trials",
+    "tune_dir",
+    "inner_lr_range",
+    "outer_lr_range",
+    "inner_steps_range",
+    "eval_inner_steps_range",
+    "tune_first_order",
+    "hyperband_factor",
+    "initial_points",
 )
 
 

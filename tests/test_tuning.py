@@ -1,0 +1,323 @@
+"""Tiny hyperparameter searches on sinusoid tasks: each tuner, resuming, failures, divergence."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import keras
+import pytest
+import tensorflow as tf
+from absl import flags as absl_flags
+from cli import run_main
+
+import flags
+from maml_tf import tuning
+from maml_tf.config import Config
+from maml_tf.errors import UserError
+
+SPACE = tuning.SearchSpace(
+    max_trials=2,
+    inner_lr_range=(1e-3, 1e-1),
+    outer_lr_range=(1e-4, 1e-2),
+    inner_steps_range=(1, 2),
+    eval_inner_steps_range=(1, 2),
+    tune_first_order=True,
+)
+
+
+def _config(tmp_path, **overrides):
+    """Two epochs of two meta-updates of two tasks per trial, five validation tasks."""
+    values = {
+        "dataset": "sinusoid",
+        "model_dir": str(tmp_path),
+        "train_steps": 4,
+        "steps_per_epoch": 2,
+        "val_tasks": 5,
+        "meta_batch_size": 2,
+        "k_shot": 5,
+        "eval_inner_steps": 1,
+        "verbose": 0,
+        **overrides,
+    }
+    return Config(**values)
+
+
+def _trials(directory):
+    """{trial id: status} of the trials keras-tuner saved."""
+    trials = {}
+    for path in glob.glob(os.path.join(directory, tuning.PROJECT, "trial_*", "trial.json")):
+        with open(path) as f:
+            trial = json.load(f)
+        trials[trial["trial_id"]] = trial["status"]
+    return trials
+
+
+class _Calls(list):
+    """A list with an `interrupt` attribute."""
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Records the trial id of every `MamlHyperModel.fit` call; `interrupt` ids raise mid-fit."""
+    calls = _Calls()
+    interrupt = set()
+    original = tuning.MamlHyperModel.fit
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise KeyboardInterrupt
+
+    def fit(self, hp, model, trial_id, callbacks=(), **kwargs):
+        calls.append(trial_id)
+        if trial_id in interrupt:
+            callbacks = [*callbacks, Interrupt()]
+        return original(self, hp, model, trial_id, callbacks=callbacks, **kwargs)
+
+    monkeypatch.setattr(tuning.MamlHyperModel, "fit", fit)
+    calls.interrupt = interrupt
+    return calls
+
+
+def _parse_flagfile(path):
+    flag_values = absl_flags.FlagValues()
+    flags.define_flags(flag_values)
+    flag_values(["main.py", f"--flagfile={path}"])
+    return flag_values
+
+
+def _events(directory):
+    """(run relative to `directory`, tag, plugin name) of every summary under `directory`."""
+    found = set()
+    for path in glob.glob(os.path.join(directory, "**", "events.out.tfevents*"), recursive=True):
+        run = os.path.relpath(os.path.dirname(path), directory)
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.add((run, value.tag, value.metadata.plugin_data.plugin_name))
+    return found
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        dataclasses.replace(SPACE, tuner="random"),
+        # One random trial, then the Gaussian process picks the second.
+        dataclasses.replace(SPACE, tuner="bayesian", initial_points=1),
+        # max_epochs is 2 (4 meta-updates / 2 per epoch): with η = 2 two trials of one epoch,
+        # then the better one continued for a second epoch.
+        dataclasses.replace(SPACE, tuner="hyperband", hyperband_factor=2, max_trials=3),
+    ],
+    ids=lambda space: space.tuner,
+)
+def test_each_tuner_writes_the_best_trial_as_a_flagfile(tmp_path, space):
+    result = tuning.tune(_config(tmp_path), space)
+
+    directory = str(tmp_path / "tuning")
+    assert result.directory == directory
+    assert _trials(directory) == {str(i): "COMPLETED" for i in range(space.max_trials)}
+    parsed = _parse_flagfile(result.flagfile)
+    assert result.flagfile == os.path.join(directory, "best.flags")
+    assert parsed.dataset == "sinusoid" and parsed.k_shot == 5 and parsed.meta_batch_size == 2
+    for name, value in result.best_hyperparameters.items():
+        assert parsed[name].value == value, name
+    assert 1e-3 <= result.best_hyperparameters["inner_lr"] <= 1e-1
+    assert result.best_hyperparameters["inner_steps"] in (1, 2)
+    scores = [float(row.split("|")[8]) for row in result.trials_table.splitlines()[2:]]
+    assert result.best_score == pytest.approx(min(scores), rel=1e-3)
+    assert result.trials_table.count(", best |") == 1
+    with open(os.path.join(directory, "trials.md")) as f:
+        assert f.read() == result.trials_table
+    if space.tuner == "hyperband":
+        assert "2 (from trial " in result.trials_table
+
+
+def test_trials_are_logged_for_tensorboard_scalars_and_hparams(tmp_path):
+    tuning.tune(_config(tmp_path), dataclasses.replace(SPACE, max_trials=1))
+
+    events = _events(str(tmp_path / "tuning" / "logs"))
+    assert (".", "_hparams_/experiment", "hparams") in events
+    assert ("trial_0", "_hparams_/session_start_info", "hparams") in events
+    tags = {(run, tag) for run, tag, _ in events}
+    assert ("trial_0/validation", "epoch_query_loss") in tags
+    assert ("trial_0/train", "epoch_query_loss") in tags
+
+
+def test_a_rerun_search_continues_without_repeating_finished_trials(tmp_path, fits):
+    config = _config(tmp_path)
+    tuning.tune(config, SPACE)
+    assert fits == ["0", "1"]
+
+    result = tuning.tune(config, dataclasses.replace(SPACE, max_trials=3))
+
+    assert fits == ["0", "1", "2"]
+    assert _trials(result.directory) == {"0": "COMPLETED", "1": "COMPLETED", "2": "COMPLETED"}
+    assert result.trials_table.count("| completed") == 3
+    # A finished search run again trains nothing and gives the same result.
+    assert tuning.tune(config, dataclasses.replace(SPACE, max_trials=3)) == result
+
+    # keras-tuner would keep the old space silently; the search refuses a changed one.
+    with pytest.raises(UserError, match=r"--inner_lr_range=\[0.01, 0.1\] \(the search used"):
+        tuning.tune(config, dataclasses.replace(SPACE, inner_lr_range=(0.01, 0.1)))
+    with pytest.raises(UserError, match=r"--k_shot=4 \(the search used 5\)"):
+        tuning.tune(_config(tmp_path, k_shot=4), SPACE)
+    assert fits == ["0", "1", "2"]
+
+
+def test_an_interrupted_trial_is_run_again_and_finished_ones_are_kept(tmp_path, fits):
+    config = _config(tmp_path)
+    fits.interrupt.add("1")
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune(config, SPACE)
+    assert fits == ["0", "1"]
+    assert _trials(str(tmp_path / "tuning")) == {"0": "COMPLETED", "1": "RUNNING"}
+
+    fits.interrupt.clear()
+    result = tuning.tune(config, SPACE)
+
+    assert fits == ["0", "1", "1"]
+    assert _trials(result.directory) == {"0": "COMPLETED", "1": "COMPLETED"}
+    # The re-run trial's TensorBoard logs replace those of the interrupted run.
+    train_logs = os.path.join(result.directory, "logs", "trial_1", "train")
+    assert len(os.listdir(train_logs)) == 1
+
+
+def test_a_failing_trial_stops_the_search_naming_it_and_is_run_again(tmp_path, fits, monkeypatch):
+    original = tuning.training.build_learner
+    builds = []
+
+    def build_learner(config):
+        builds.append(config.inner_lr)
+        if len(builds) == 2:
+            raise ValueError("no learner today\nsecond line")
+        return original(config)
+
+    monkeypatch.setattr(tuning.training, "build_learner", build_learner)
+    config = _config(tmp_path)
+    with pytest.raises(UserError) as raised:
+        tuning.tune(config, SPACE)
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"trial 1 (α={builds[1]:.4g}, β=")
+    assert "failed: ValueError: no learner today; traceback in " in message
+    error_file = tmp_path / "tuning" / "trials" / "trial_1" / "error.txt"
+    assert "Traceback" in error_file.read_text()
+    assert fits == ["0"]
+
+    monkeypatch.setattr(tuning.training, "build_learner", original)
+    result = tuning.tune(config, SPACE)
+
+    assert fits == ["0", "1"]
+    assert _trials(result.directory) == {"0": "COMPLETED", "1": "COMPLETED"}
+    assert not error_file.exists()
+
+
+def test_a_trial_that_keras_tuner_fails_stops_the_search(tmp_path, monkeypatch):
+    def fit(self, hp, model, trial_id, **kwargs):
+        history = keras.callbacks.History()
+        history.history = {"query_loss": [1.0]}  # no val_query_loss, the objective
+        return history
+
+    monkeypatch.setattr(tuning.MamlHyperModel, "fit", fit)
+    with pytest.raises(UserError) as raised:
+        tuning.tune(_config(tmp_path), SPACE)
+
+    assert str(raised.value).startswith("trial 0 (α=")
+    assert "failed: KeyError: 'val_query_loss'; traceback in " in str(raised.value)
+    assert str(raised.value).endswith("goes on with other trials (trial 0 stays failed)")
+    assert _trials(str(tmp_path / "tuning")) == {"0": "FAILED"}
+
+
+def test_diverged_trials_are_recorded_and_a_search_without_a_score_is_an_error(tmp_path):
+    space = dataclasses.replace(SPACE, inner_lr_range=(1e30, 1e31))
+    with pytest.raises(UserError, match="no trial of the search in .* completed .*diverged"):
+        tuning.tune(_config(tmp_path), space)
+
+    directory = tmp_path / "tuning"
+    assert _trials(str(directory)) == {"0": "FAILED", "1": "FAILED"}
+    table = (directory / "trials.md").read_text()
+    assert table.count("| diverged: meta-update ") == 2
+    assert not (directory / "best.flags").exists()
+
+
+def test_search_space_checks_its_ranges():
+    with pytest.raises(UserError, match=r"--inner_lr_range=0.1,0.01: needs 0 < LOW <= HIGH"):
+        tuning.SearchSpace(inner_lr_range=(0.1, 0.01))
+    with pytest.raises(UserError, match=r"--outer_lr_range=0.0,0.1"):
+        tuning.SearchSpace(outer_lr_range=(0, 0.1))
+    with pytest.raises(UserError, match=r"--inner_steps_range=0,2: needs 1 <= LOW <= HIGH"):
+        tuning.SearchSpace(inner_steps_range=(0, 2))
+    with pytest.raises(UserError, match="--tuner=grid"):
+        tuning.SearchSpace(tuner="grid")
+    assert tuning.SearchSpace(eval_inner_steps_range=["0", "3"]).eval_inner_steps_range == (0, 3)
+
+
+def test_search_space_defaults_come_from_the_config():
+    config = Config(dataset="sinusoid", model_dir="runs/x", first_order=True).resolve()
+    space = tuning.SearchSpace().resolve(config)
+
+    assert space.directory == os.path.join("runs/x", "tuning")
+    assert space.inner_lr_range == pytest.approx((0.001, 0.1))
+    assert space.outer_lr_range == pytest.approx((1e-4, 1e-2))
+    assert space.inner_steps_range == (1, 1)
+    assert space.eval_inner_steps_range == (10, 10)
+    assert space.searched == 2 and SPACE.resolve(config).searched == 5
+
+
+def test_search_space_from_the_config_tuning_fields():
+    config = Config(
+        tuner="hyperband",
+        max_trials=7,
+        tune_dir="/tmp/t",
+        inner_lr_range=["0.1", "1.0"],  # as absl's list flags give them
+        inner_steps_range=["1", "5"],
+        tune_first_order=True,
+        hyperband_factor=2,
+    )
+    space = tuning.SearchSpace.from_config(config)
+
+    assert space == tuning.SearchSpace(
+        tuner="hyperband",
+        max_trials=7,
+        directory="/tmp/t",
+        inner_lr_range=(0.1, 1.0),
+        inner_steps_range=(1, 5),
+        tune_first_order=True,
+        hyperband_factor=2,
+    )
+
+
+def test_main_tune_mode_writes_a_flagfile_that_main_trains_from(tmp_path):
+    common = [
+        "--train_steps=4",
+        "--steps_per_epoch=2",
+        "--val_tasks=5",
+        "--test_tasks=5",
+        "--meta_batch_size=2",
+        "--eval_inner_steps=1",
+        "--verbose=0",
+    ]
+    tuned = run_main(
+        "--mode=tune",
+        "--max_trials=2",
+        "--inner_lr_range=0.001,0.01",
+        *common,
+        f"--model_dir={tmp_path}/search",
+    )
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    flagfile = tmp_path / "search" / "tuning" / "best.flags"
+    assert str(flagfile) in tuned.stdout
+    trained = run_main(
+        f"--flagfile={flagfile}", *common, "--nobaseline", f"--model_dir={tmp_path}/final"
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    best = tuning_best_inner_lr(flagfile)
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert saved["inner_lr"] == pytest.approx(best)
+
+
+def tuning_best_inner_lr(flagfile):
+    for line in flagfile.read_text().splitlines():
+        if line.startswith("--inner_lr="):
+            return float(line.split("=", 1)[1])
+    raise AssertionError(f"no --inner_lr in {flagfile}")
