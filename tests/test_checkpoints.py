@@ -18,10 +18,10 @@ from maml_tf import checkpoints, learners
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
 
-TRAIN_STEPS = 1000
+TRAIN_STEPS = 600
 RUN_FLAGS = (
     f"--train_steps={TRAIN_STEPS}",
-    "--steps_per_epoch=250",
+    "--steps_per_epoch=200",
     "--checkpoint_every=50",
     "--val_tasks=10",
     "--test_tasks=20",
