@@ -17,6 +17,7 @@ from maml_tf.config import (
     RANGES,
     TASK_LOOPS,
     TUNERS,
+    TUNING_FIELDS,
     Config,
 )
 
@@ -59,16 +60,7 @@ _CONFIG_FLAGS = (
     "keep_checkpoints",
     "allow_changed",
     "verbose",
-    "tuner",
-    "max_trials",
-    "tune_dir",
-    "inner_lr_range",
-    "outer_lr_range",
-    "inner_steps_range",
-    "eval_inner_steps_range",
-    "tune_first_order",
-    "hyperband_factor",
-    "initial_points",
+    *TUNING_FIELDS,
 )
 
 

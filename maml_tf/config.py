@@ -10,6 +10,19 @@ import os
 DATASETS = ("sinusoid", "omniglot", "folder")
 MODES = ("train", "eval", "export", "tune")
 TUNERS = ("random", "bayesian", "hyperband")
+# Config fields that only `--mode=tune` reads.
+TUNING_FIELDS = (
+    "tuner",
+    "max_trials",
+    "tune_dir",
+    "inner_lr_range",
+    "outer_lr_range",
+    "inner_steps_range",
+    "eval_inner_steps_range",
+    "tune_first_order",
+    "hyperband_factor",
+    "initial_points",
+)
 # Config fields holding a (low, high) search range, and the type of their bounds.
 RANGES = {
     "inner_lr_range": float,

@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from maml_tf import checkpoints, evaluation, export, learners, monitoring, plots
-from maml_tf.config import Config
+from maml_tf.config import TUNING_FIELDS, Config
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
@@ -302,17 +302,7 @@ CONTINUABLE_CHANGES = (
     "overwrite",
     "test_tasks",
     "baseline",
-    # --mode=tune's settings.
-    "tuner",
-    "max_trials",
-    "tune_dir",
-    "inner_lr_range",
-    "outer_lr_range",
-    "inner_steps_range",
-    "eval_inner_steps_range",
-    "tune_first_order",
-    "hyperband_factor",
-    "initial_points",
+    *TUNING_FIELDS,
 )
 
 

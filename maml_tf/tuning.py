@@ -39,7 +39,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, training
-from maml_tf.config import TUNERS
+from maml_tf.config import TUNERS, TUNING_FIELDS
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 
@@ -94,16 +94,7 @@ CONTINUABLE_CHANGES = (
     "outer_lr",
     "inner_steps",
     "eval_inner_steps",
-    "tuner",
-    "max_trials",
-    "tune_dir",
-    "inner_lr_range",
-    "outer_lr_range",
-    "inner_steps_range",
-    "eval_inner_steps_range",
-    "tune_first_order",
-    "hyperband_factor",
-    "initial_points",
+    *TUNING_FIELDS,
 )
 
 TuneResult = collections.namedtuple(
