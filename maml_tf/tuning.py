@@ -39,7 +39,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, training
-from maml_tf.config import TUNERS, TUNING_FIELDS
+from maml_tf.config import TUNERS
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 
@@ -76,26 +76,12 @@ FLAGFILE_FIELDS = (
 # Config fields that may differ when a search is continued: where files are, output, the
 # (equivalent) task loop, what only plain training and meta-testing use, and the fields that
 # the resolved search space already holds (and the Config fields that make the space).
-CONTINUABLE_CHANGES = (
-    "model_dir",
-    "data_dir",
-    "cache_dir",
-    "verbose",
-    "task_loop",
-    "checkpoint",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "allow_changed",
-    "export_dir",
-    "overwrite",
-    "test_tasks",
-    "baseline",
-    "inner_lr",
-    "outer_lr",
-    "inner_steps",
-    "eval_inner_steps",
-    *TUNING_FIELDS,
-)
+CONTINUABLE_CHANGES = tuple(
+    # A search's trials all train --train_steps: changing it would change the search.
+    name
+    for name in training.CONTINUABLE_CHANGES
+    if name != "train_steps"
+) + ("inner_lr", "outer_lr", "inner_steps", "eval_inner_steps")
 
 TuneResult = collections.namedtuple(
     "TuneResult",
