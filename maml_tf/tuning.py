@@ -39,7 +39,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, training
-from maml_tf.config import TUNERS
+from maml_tf.config import TUNERS, TUNING_FIELDS
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 
@@ -171,18 +171,10 @@ class SearchSpace:
     @classmethod
     def from_config(cls, config):
         """The search a `Config` with the tuning fields asks for (`--mode=tune`)."""
-        return cls(
-            tuner=config.tuner,
-            max_trials=config.max_trials,
-            directory=config.tune_dir,
-            inner_lr_range=config.inner_lr_range,
-            outer_lr_range=config.outer_lr_range,
-            inner_steps_range=config.inner_steps_range,
-            eval_inner_steps_range=config.eval_inner_steps_range,
-            tune_first_order=config.tune_first_order,
-            hyperband_factor=config.hyperband_factor,
-            initial_points=config.initial_points,
-        )
+        values = {name: getattr(config, name) for name in TUNING_FIELDS}
+        # The one field whose name differs: the Config's says which directory it is.
+        values["directory"] = values.pop("tune_dir")
+        return cls(**values)
 
     def resolve(self, config):
         """A copy with every default filled in from a resolved `Config`."""
@@ -639,6 +631,7 @@ def tune(config, space=None):
     if space is None:
         space = SearchSpace.from_config(config)
     config = config.resolve()
+    training.set_threads(config.inter_op_threads, config.intra_op_threads)
     space = space.resolve(config)
     steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
     if config.train_steps % steps_per_epoch:

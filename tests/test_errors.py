@@ -8,23 +8,7 @@ import shutil
 
 import pytest
 from cli import run_main
-from test_main_folder import write_folder_dataset
-
-FOLDER_RUN = (
-    "--dataset=folder",
-    "--image_size=16",
-    "--n_way=2",
-    "--k_shot=1",
-    "--n_query=1",
-    "--filters=4",
-    "--meta_batch_size=2",
-    "--train_steps=2",
-    "--steps_per_epoch=2",
-    "--val_tasks=2",
-    "--test_tasks=2",
-    "--eval_inner_steps=1",
-    "--verbose=0",
-)
+from folder_fixture import TINY_FOLDER_RUN, write_folder_dataset
 
 
 def assert_one_error_naming(result, *names):
@@ -57,6 +41,8 @@ def folder_data(tmp_path):
         ("--checkpoint_every=0", "checkpoint_every"),
         ("--clip_norm=-1", "clip_norm"),
         ("--train_steps=1500", "steps_per_epoch"),
+        ("--inter_op_threads=-1", "inter_op_threads"),
+        ("--intra_op_threads=-2", "intra_op_threads"),
     ],
 )
 def test_an_out_of_range_count_names_the_flag(flag, name, tmp_path):
@@ -65,7 +51,7 @@ def test_an_out_of_range_count_names_the_flag(flag, name, tmp_path):
 
 def test_an_image_size_too_small_for_max_pooling_names_the_flag(folder_data, tmp_path):
     result = run_main(
-        *FOLDER_RUN, "--image_size=8", f"--data_dir={folder_data}", f"--model_dir={tmp_path}/r"
+        *TINY_FOLDER_RUN, "--image_size=8", f"--data_dir={folder_data}", f"--model_dir={tmp_path}/r"
     )
     assert_one_error_naming(result, "--image_size=8")
 
@@ -80,14 +66,14 @@ def test_an_unknown_allowed_change_names_it(tmp_path):
 
 def test_n_way_larger_than_a_split_names_the_flag_and_split(folder_data, tmp_path):
     result = run_main(
-        *FOLDER_RUN, f"--data_dir={folder_data}", "--n_way=4", f"--model_dir={tmp_path}/run"
+        *TINY_FOLDER_RUN, f"--data_dir={folder_data}", "--n_way=4", f"--model_dir={tmp_path}/run"
     )
     assert_one_error_naming(result, "--n_way=4", "train split")
 
 
 def test_more_shots_and_queries_than_examples_names_the_flags(folder_data, tmp_path):
     result = run_main(
-        *FOLDER_RUN,
+        *TINY_FOLDER_RUN,
         f"--data_dir={folder_data}",
         "--k_shot=2",
         "--n_query=3",
@@ -97,19 +83,21 @@ def test_more_shots_and_queries_than_examples_names_the_flags(folder_data, tmp_p
 
 
 def test_a_missing_data_dir_flag_is_named(tmp_path):
-    result = run_main(*FOLDER_RUN, f"--model_dir={tmp_path}/run")
+    result = run_main(*TINY_FOLDER_RUN, f"--model_dir={tmp_path}/run")
     assert_one_error_naming(result, "--data_dir")
 
 
 def test_a_data_dir_that_does_not_exist_is_named(tmp_path):
-    result = run_main(*FOLDER_RUN, f"--data_dir={tmp_path}/nowhere", f"--model_dir={tmp_path}/r")
+    result = run_main(
+        *TINY_FOLDER_RUN, f"--data_dir={tmp_path}/nowhere", f"--model_dir={tmp_path}/r"
+    )
     assert_one_error_naming(result, f"--data_dir={tmp_path}/nowhere")
 
 
 def test_a_folder_of_the_wrong_layout_is_named(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.png").write_bytes(b"")
-    result = run_main(*FOLDER_RUN, f"--data_dir={tmp_path}/flat", f"--model_dir={tmp_path}/r")
+    result = run_main(*TINY_FOLDER_RUN, f"--data_dir={tmp_path}/flat", f"--model_dir={tmp_path}/r")
     assert_one_error_naming(result, "train/")
 
 
@@ -125,14 +113,14 @@ def test_an_omniglot_dir_without_the_zips_is_named(tmp_path):
 def test_an_unreadable_image_is_named(folder_data, tmp_path):
     broken = folder_data / "val" / "nval001" / "2.jpg"
     broken.write_bytes(b"not a jpeg")
-    result = run_main(*FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
+    result = run_main(*TINY_FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
     assert_one_error_naming(result, str(broken))
 
 
 def test_a_class_with_too_few_images_is_named(folder_data, tmp_path):
     for image in sorted((folder_data / "test" / "ntest002").iterdir())[1:]:
         image.unlink()
-    result = run_main(*FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
+    result = run_main(*TINY_FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
     assert_one_error_naming(result, "ntest002", "test split")
 
 
@@ -140,7 +128,7 @@ def test_an_empty_class_folder_is_named(folder_data, tmp_path):
     empty = folder_data / "train" / "ntrain001"
     shutil.rmtree(empty)
     empty.mkdir()
-    result = run_main(*FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
+    result = run_main(*TINY_FOLDER_RUN, f"--data_dir={folder_data}", f"--model_dir={tmp_path}/run")
     assert_one_error_naming(result, str(empty))
 
 
@@ -166,7 +154,7 @@ def test_training_from_nothing_is_named(tmp_path):
 def two_way_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_way")
     data_dir = write_folder_dataset(root / "images", classes=3, images=4, side=8)
-    trained = run_main(*FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={root}/model")
+    trained = run_main(*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={root}/model")
     assert trained.returncode == 0, trained.stderr[-3000:]
     return data_dir, root / "model"
 
@@ -174,7 +162,7 @@ def two_way_model(tmp_path_factory):
 def test_training_from_a_model_with_other_ways_is_refused(two_way_model, tmp_path):
     data_dir, model = two_way_model
     result = run_main(
-        *FOLDER_RUN,
+        *TINY_FOLDER_RUN,
         f"--data_dir={data_dir}",
         "--n_way=3",
         f"--init_from={model}",

@@ -2,37 +2,16 @@
 
 import json
 
-import numpy as np
 from cli import run_main
-from PIL import Image
-
-
-def write_folder_dataset(root, classes=3, images=4, side=20):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for c in range(classes):
-            folder = root / split / f"n{split}{c:03d}"
-            folder.mkdir(parents=True)
-            for i in range(images):
-                pixels = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    return root
+from folder_fixture import TINY_FOLDER_RUN, write_folder_dataset
 
 
 def test_folder_dataset_trains_and_meta_tests(tmp_path):
     data_dir = write_folder_dataset(tmp_path / "images")
     model_dir = tmp_path / "run"
     result = run_main(
-        "--dataset=folder",
+        *TINY_FOLDER_RUN,
         f"--data_dir={data_dir}",
-        "--image_size=16",
-        "--n_way=2",
-        "--k_shot=1",
-        "--n_query=1",
-        "--filters=4",
-        "--meta_batch_size=2",
-        "--train_steps=2",
-        "--val_tasks=2",
         "--test_tasks=4",
         "--eval_inner_steps=2",
         f"--model_dir={model_dir}",

@@ -13,7 +13,7 @@ from cli import run_main
 
 import flags
 from maml_tf import tuning
-from maml_tf.config import Config
+from maml_tf.config import TUNING_FIELDS, Config
 from maml_tf.errors import UserError
 
 SPACE = tuning.SearchSpace(
@@ -285,6 +285,13 @@ def test_search_space_from_the_config_tuning_fields():
         tune_first_order=True,
         hyperband_factor=2,
     )
+
+
+def test_search_space_has_a_field_for_each_tuning_flag():
+    # A tuning flag added to Config but not to SearchSpace would be silently ignored.
+    fields = {field.name for field in dataclasses.fields(tuning.SearchSpace)}
+    expected = {"directory" if name == "tune_dir" else name for name in TUNING_FIELDS}
+    assert fields == expected
 
 
 def test_main_tune_mode_writes_a_flagfile_that_main_trains_from(tmp_path):
