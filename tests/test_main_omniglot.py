@@ -5,8 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from cli import run_main
+from cli import ROOT, run_main
+
+from maml_tf import pretrained
 
 SMALL = [
     "--dataset=omniglot",
@@ -130,3 +133,72 @@ def test_export_into_an_existing_directory_is_refused_without_overwrite(omniglot
     )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert (tmp_path / "taken" / "saved_model.pb").exists()
+
+
+def test_a_packaged_model_meta_tests_exactly_as_its_run(omniglot_run, full_size_omniglot, tmp_path):
+    model_dir, _ = omniglot_run
+    packaged = tmp_path / "pretrained" / "tiny"
+    made = subprocess.run(
+        [sys.executable, "-m", "maml_tf.pretrained", str(model_dir), str(packaged)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert sorted(p.name for p in packaged.iterdir()) == [
+        "config.json",
+        "learner.weights.h5",
+        "results.json",
+    ]
+    shipped = json.loads((packaged / "config.json").read_text())
+    assert str(tmp_path.parent) not in json.dumps(shipped)  # no paths of the training machine
+    assert shipped["data_dir"] is None and shipped["n_way"] == 5
+
+    def eval_accuracy(*args):
+        out = tmp_path / f"eval{len(list(tmp_path.iterdir()))}"
+        result = run_main(
+            "--mode=eval",
+            *args,
+            f"--data_dir={full_size_omniglot}",
+            "--test_tasks=8",
+            f"--model_dir={out}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "eval_results.json").read_text())["test"]
+
+    from_run = eval_accuracy(f"--init_from={model_dir}")
+    from_package = eval_accuracy(f"--init_from={packaged}")
+    assert from_package["query_accuracy_mean"] == from_run["query_accuracy_mean"]
+    assert from_package["query_loss_mean"] == from_run["query_loss_mean"]
+
+
+def test_a_packaged_model_loads_and_adapts_in_one_call(omniglot_run, tmp_path):
+    model_dir, _ = omniglot_run
+    pretrained.package(str(model_dir), str(tmp_path / "tiny"))
+    model = pretrained.load(str(tmp_path / "tiny"))
+    reference = pretrained.load(str(model_dir))
+    x = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)
+    y = np.arange(5, dtype=np.int32)
+    assert model.eval_inner_steps == 2 and model.inner_lr == reference.inner_lr
+    adapted = model.forward(model.adapt(x, y), x).numpy()
+    np.testing.assert_array_equal(adapted, reference.forward(reference.adapt(x, y), x).numpy())
+    # Adapting changed the predictions: the steps ran.
+    assert np.abs(adapted - model.forward(model.theta(), x).numpy()).max() > 1e-4
+
+
+def test_packaging_a_directory_without_a_run_is_one_error_line(tmp_path):
+    made = subprocess.run(
+        [sys.executable, "-m", "maml_tf.pretrained", str(tmp_path / "none"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert made.returncode == 1 and "Traceback" not in made.stderr
+    assert made.stderr.strip().splitlines()[
+        -1
+    ] == f"error: {tmp_path / 'none'}: no maml_tf model here " + (
+        f"({tmp_path / 'none' / 'config.json'} is missing)"
+    )
+    assert not (tmp_path / "o").exists()

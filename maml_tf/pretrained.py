@@ -1,0 +1,103 @@
+"""Meta-trained models as shipped files: the learner's weights plus the config that built it.
+
+A pretrained model is a directory holding `config.json` (a `maml_tf.config.Config` without
+machine paths) and `learner.weights.h5` (θ), a few hundred KB for Omniglot's conv4. Load one
+and adapt it to a new task in one line:
+
+    >>> model = maml_tf.pretrained.load("pretrained/omniglot_5w1s")
+    >>> fast_weights = model.adapt(support_x, support_y)   # eval_inner_steps steps of size α
+    >>> labels = tf.argmax(model.forward(fast_weights, query_x), axis=-1)
+
+`support_x: float32 [n_way*k_shot, 28, 28, 1]`, `support_y: int32 [n_way*k_shot]` with labels
+0..n_way-1, `query_x: float32 [n, 28, 28, 1]`, images prepared as `maml_tf.data.omniglot` does.
+The conv4 learner normalises with the statistics of the batch it is given, as in the paper's
+meta-training and meta-testing, so classify a task's queries together, not one at a time.
+
+Make one from a training run with
+
+    python -m maml_tf.pretrained RUN_DIR OUT_DIR
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+from maml_tf import checkpoints, training
+from maml_tf.config import Config
+from maml_tf.errors import UserError
+
+# Where the run's files were on the machine that trained it: meaningless elsewhere.
+_MACHINE_FIELDS = ("model_dir", "data_dir", "cache_dir", "init_from", "export_dir", "tune_dir")
+
+
+def load(directory, checkpoint="best"):
+    """The MAML model saved in a pretrained directory or a training run, with θ loaded.
+
+    Args:
+      directory: a pretrained model (`config.json`, `learner.weights.h5`) or a run dir.
+      checkpoint: "best" (the best-validation weights, when the directory has them) or "final".
+
+    Returns:
+      `maml_tf.MAML` with the saved α and `eval_inner_steps`, ready for `adapt`/`forward`.
+
+    Raises:
+      UserError: no model there, or weights that do not fit its config.
+    """
+    config = _config(directory)
+    config = dataclasses.replace(config, checkpoint=checkpoint)
+    model = training.build_model(config, training.build_learner(config))
+    training.load_weights(config, model, directory)
+    return model
+
+
+def package(run_dir, out_dir, checkpoint="best"):
+    """Writes a run's weights and config as a pretrained model in `out_dir`.
+
+    The config's machine paths are cleared (give `--data_dir` when evaluating), and the run's
+    `results.json` is kept beside them as the record of what the model scored.
+
+    Returns:
+      The list of files written.
+    """
+    model = load(run_dir, checkpoint)
+    config = _config(run_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    cleared = dataclasses.replace(config, **{name: None for name in _MACHINE_FIELDS})
+    cleared = dataclasses.replace(cleared, allow_changed=(), verbose=1)
+    written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, training.FINAL_WEIGHTS)]
+    cleared.save(written[0])
+    checkpoints.atomic_save_weights(model.learner, written[1])
+    results = os.path.join(run_dir, training.RESULTS)
+    if os.path.exists(results):
+        written.append(os.path.join(out_dir, training.RESULTS))
+        shutil.copyfile(results, written[-1])
+    return written
+
+
+def _config(directory):
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{directory}: no maml_tf model here ({path} is missing)")
+    try:
+        return Config.load(path).resolve()
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a maml_tf config ({error})") from None
+
+
+def main(argv):
+    if len(argv) != 3:
+        print("usage: python -m maml_tf.pretrained RUN_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        for path in package(argv[1], argv[2]):
+            print(path)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
