@@ -60,6 +60,8 @@ _CONFIG_FLAGS = (
     "keep_checkpoints",
     "allow_changed",
     "verbose",
+    "inter_op_threads",
+    "intra_op_threads",
     *TUNING_FIELDS,
 )
 
@@ -320,6 +322,20 @@ def define_flags(flag_values=flags.FLAGS):
         "hyperparameter is refused.",
     )
     define("integer", "verbose", 1, "Keras output: 0 silent, 1 progress bar, 2 one line per epoch.")
+    define(
+        "integer",
+        "inter_op_threads",
+        0,
+        "TensorFlow's inter-op threads: ops (e.g. the tasks of --task_loop=map) run side by "
+        "side. 0: TensorFlow's default. Changes speed (results only by float rounding); see "
+        "README, Speed.",
+    )
+    define(
+        "integer",
+        "intra_op_threads",
+        0,
+        "Threads inside one TensorFlow op. 0: TensorFlow's default.",
+    )
 
     # Hyperparameter search (--mode=tune). Each trial trains --train_steps meta-updates in epochs
     # of --steps_per_epoch and is scored on the --val_tasks fixed validation tasks.
@@ -411,6 +427,13 @@ def define_flags(flag_values=flags.FLAGS):
         ("keep_checkpoints", ""),
     ]:
         _positive(name, symbol, flag_values)
+    for name in ("inter_op_threads", "intra_op_threads"):
+        flags.register_validator(
+            name,
+            lambda v: v >= 0,
+            message=f"{name} must be 0 (TensorFlow's default) or a number of threads",
+            flag_values=flag_values,
+        )
     flags.register_validator(
         "n_way",
         lambda v: v is None or v >= 2,

@@ -57,6 +57,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from maml_tf.errors import UserError
+
 # TensorFlow is imported inside the functions that need it: the parent process only starts
 # children, and flag errors are then reported before TensorFlow spends seconds loading.
 
@@ -384,16 +386,6 @@ def peak_rss_mib():
     return maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def set_threads(inter_op_threads=0, intra_op_threads=0):
-    """Sets TensorFlow's thread pools; 0 leaves TensorFlow's default. Call before any TF op."""
-    import tensorflow as tf
-
-    if inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-    if intra_op_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-
-
 # ----------------------------------------------------------------------------------- one run
 
 
@@ -468,9 +460,9 @@ def _percentiles(times_ms):
 def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, matmul_repeats=10):
     """Times the compiled Keras train function of one configuration in this process.
 
-    Call `set_threads` first if the thread pools should differ from TensorFlow's default. The
-    peak RSS is the whole process's, so it means "this configuration" only in a fresh process
-    (which is how `python -m maml_tf.bench` runs each one).
+    Call `maml_tf.training.set_threads` first if the thread pools should differ from
+    TensorFlow's default. The peak RSS is the whole process's, so it means "this configuration"
+    only in a fresh process (which is how `python -m maml_tf.bench` runs each one).
 
     Args:
       config: a `BenchConfig`.
@@ -817,7 +809,12 @@ def main(argv, flag_values=flags.FLAGS):
             raise app.UsageError(str(error)) from error
         if not f.task_loop:
             raise app.UsageError("--config needs --task_loop")
-        set_threads(f.inter_op_threads, f.intra_op_threads)
+        from maml_tf import training
+
+        try:
+            training.set_threads(f.inter_op_threads, f.intra_op_threads)
+        except UserError as error:
+            raise app.UsageError(str(error)) from error
         record = run_config(
             config,
             f.task_loop,

@@ -85,6 +85,9 @@ class Config:
       allow_changed: names of hyperparameters that may differ from those of the run already in
         `model_dir` when it is continued.
       verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
+      inter_op_threads: TensorFlow's inter-op thread pool (ops run side by side; 0: its
+        default). Speed, not the result (beyond float rounding).
+      intra_op_threads: threads inside one op (0: TensorFlow's default). See README, Speed.
       tuner: `--mode=tune`'s keras-tuner search: "random", "bayesian" or "hyperband".
       max_trials: trials of the search in all (a larger value continues a finished search).
       tune_dir: where the search lives (None: MODEL_DIR/tuning).
@@ -137,6 +140,8 @@ class Config:
     keep_checkpoints: int = 3
     allow_changed: tuple[str, ...] = ()
     verbose: int = 1
+    inter_op_threads: int = 0
+    intra_op_threads: int = 0
     tuner: str = "random"
     max_trials: int = 10
     tune_dir: str | None = None

@@ -30,10 +30,12 @@ def mean_and_ci95(values):
     """
     values = np.asarray(values, np.float64)
     n = values.shape[0]
-    mean = values.mean(axis=0)
-    if n < 2:
-        return mean, np.full_like(mean, np.nan)
-    return mean, 1.96 * values.std(axis=0, ddof=1) / np.sqrt(n)
+    # A diverged task (inf) makes these NaN or inf; that is the answer, not a warning to print.
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = values.mean(axis=0)
+        if n < 2:
+            return mean, np.full_like(mean, np.nan)
+        return mean, 1.96 * values.std(axis=0, ddof=1) / np.sqrt(n)
 
 
 def task_curves(model, dataset, steps=None):

@@ -190,7 +190,7 @@ def _train_baseline(config, datasets):
     return build_model(config, baseline.learner, inner_lr), inner_lr
 
 
-def _load_weights(config, model, directory):
+def load_weights(config, model, directory):
     """Loads the weights `config.checkpoint` names from a run directory; returns the file name.
 
     Raises:
@@ -232,14 +232,14 @@ def _check_init_from(config):
 
 def _init_from(config, model):
     """Sets θ to the weights of the run or pretrained model in `config.init_from`."""
-    used = _load_weights(config, model, config.init_from)
+    used = load_weights(config, model, config.init_from)
     logging.info("θ initialised from %s", os.path.join(config.init_from, used))
 
 
 def _finish(
     config, model, datasets, train_seconds, baseline, baseline_inner_lr, results_name, weights_dir
 ):
-    weights = os.path.join(weights_dir, _load_weights(config, model, weights_dir))
+    weights = os.path.join(weights_dir, load_weights(config, model, weights_dir))
     protocol = {
         **datasets.protocol,
         "dataset": config.dataset,
@@ -292,6 +292,8 @@ CONTINUABLE_CHANGES = (
     "data_dir",
     "cache_dir",
     "verbose",
+    "inter_op_threads",
+    "intra_op_threads",
     "train_steps",
     "task_loop",
     "checkpoint",
@@ -329,6 +331,44 @@ def _check_same_run(config):
         )
 
 
+def set_threads(inter_op_threads=0, intra_op_threads=0):
+    """Sizes TensorFlow's thread pools (0 keeps its default); before the process's first op.
+
+    Raises:
+      UserError: TensorFlow already runs with other pool sizes in this process.
+    """
+    threading = tf.config.threading
+    for name, wanted, get, put in [
+        (
+            "inter_op_threads",
+            inter_op_threads,
+            threading.get_inter_op_parallelism_threads,
+            threading.set_inter_op_parallelism_threads,
+        ),
+        (
+            "intra_op_threads",
+            intra_op_threads,
+            threading.get_intra_op_parallelism_threads,
+            threading.set_intra_op_parallelism_threads,
+        ),
+    ]:
+        if not wanted or get() == wanted:
+            continue
+        try:
+            put(wanted)
+        except RuntimeError:
+            raise UserError(
+                f"--{name}={wanted}: TensorFlow already runs in this process with "
+                f"{get() or 'its default'}; set it before the first TensorFlow op"
+            ) from None
+    if inter_op_threads or intra_op_threads:
+        logging.info(
+            "TensorFlow thread pools: inter-op %d, intra-op %d (0: its default)",
+            threading.get_inter_op_parallelism_threads(),
+            threading.get_intra_op_parallelism_threads(),
+        )
+
+
 def train(config):
     """Meta-trains, saves the learner's weights, then meta-tests (and the baseline, if asked).
 
@@ -346,6 +386,7 @@ def train(config):
       UserError: bad data or flag combinations.
     """
     config = config.resolve()
+    set_threads(config.inter_op_threads, config.intra_op_threads)
     _check_same_run(config)
     if config.init_from:
         _check_init_from(config)
@@ -422,6 +463,7 @@ def evaluate(config):
       UserError: no run there, a flag that contradicts the saved model, or bad data.
     """
     saved = _saved_run(config)
+    set_threads(config.inter_op_threads, config.intra_op_threads)
     if saved.deterministic:
         tf.config.experimental.enable_op_determinism()
     weights_dir = saved.init_from or saved.model_dir
@@ -498,7 +540,7 @@ def export_run(config):
     """
     saved = _saved_run(config)
     model = build_model(saved, build_learner(saved))
-    _load_weights(saved, model, saved.init_from or saved.model_dir)
+    load_weights(saved, model, saved.init_from or saved.model_dir)
     export_dir = config.export_dir or os.path.join(saved.model_dir, EXPORT_DIR)
     return export.export_model(model, export_dir, overwrite=config.overwrite)
 

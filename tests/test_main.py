@@ -2,9 +2,11 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from cli import run_main
+from cli import ROOT, run_main
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,23 @@ def test_eval_mode_reproduces_the_test_numbers(sinusoid_run):
     assert result.returncode == 0, result.stderr[-3000:]
     trained = json.loads((model_dir / "results.json").read_text())["test"]
     evaluated = json.loads((model_dir / "eval_results.json").read_text())["test"]
+    assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
+
+
+def test_thread_pool_sizes_change_speed_not_the_test_numbers(sinusoid_run, tmp_path):
+    model_dir, _ = sinusoid_run
+    result = run_main(
+        "--mode=eval",
+        f"--init_from={model_dir}",
+        f"--model_dir={tmp_path}/threads",
+        "--test_tasks=20",
+        "--inter_op_threads=2",
+        "--intra_op_threads=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TensorFlow thread pools: inter-op 2, intra-op 1" in result.stderr
+    trained = json.loads((model_dir / "results.json").read_text())["test"]
+    evaluated = json.loads((tmp_path / "threads" / "eval_results.json").read_text())["test"]
     assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
 
 
@@ -115,3 +134,22 @@ def test_deterministic_runs_with_one_seed_agree_bit_for_bit(tmp_path):
         outputs.append((results["test"], weights))
     assert outputs[0][0] == outputs[1][0]
     assert outputs[0][1] == outputs[1][1]
+
+
+def test_thread_pools_sized_after_tensorflow_started_are_one_clear_error():
+    script = (
+        "import tensorflow as tf\n"
+        "from maml_tf import training\n"
+        "from maml_tf.errors import UserError\n"
+        "tf.constant(1.0) + 1.0\n"
+        "training.set_threads(0, 0)\n"  # nothing asked: nothing to refuse
+        "try:\n"
+        "    training.set_threads(3, 0)\n"
+        "except UserError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("--inter_op_threads=3: TensorFlow already runs")
