@@ -1,4 +1,8 @@
-"""Figures: the paper's Figure 2 for sinusoid regression."""
+"""Figures: the paper's Figure 2 for sinusoid regression; validation curves of training runs."""
+
+import glob
+import os
+import sys
 
 import matplotlib
 
@@ -7,6 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maml_tf.data import sinusoid  # noqa: E402
+
+# What Keras' TensorBoard callback logs after each validation, at the optimizer's iteration count.
+VALIDATION_ACCURACY_TAG = "evaluation_query_accuracy_vs_iterations"
 
 
 def sinusoid_fit(path, task, panels, steps=(0, 1, 10)):
@@ -50,3 +57,77 @@ def sinusoid_fit(path, task, panels, steps=(0, 1, 10)):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def read_validation_curve(model_dir, tag=VALIDATION_ACCURACY_TAG):
+    """The validation metric of a run against meta-updates, from its TensorBoard logs.
+
+    A resumed run adds event files to the same directory; where two give a value for the same
+    meta-update, the newer file's wins.
+
+    Returns:
+      (iterations, values): int64 [n] sorted ascending and float64 [n].
+    """
+    import tensorflow as tf
+
+    paths = sorted(
+        glob.glob(os.path.join(model_dir, "logs", "validation", "events.out.tfevents.*")),
+        key=os.path.getmtime,
+    )
+    values = {}
+    for path in paths:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    iterations = np.array(sorted(values), np.int64)
+    return iterations, np.array([values[i] for i in iterations], np.float64)
+
+
+def validation_curves(path, runs, title="Omniglot validation accuracy"):
+    """Draws validation query accuracy (%) against meta-updates for one or more runs.
+
+    Args:
+      path: PNG file to write.
+      runs: ordered mapping from a label to a run's model_dir.
+      title: the figure's title.
+
+    Returns:
+      `path`.
+
+    Raises:
+      ValueError: a run has no validation accuracy in its logs.
+    """
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for label, model_dir in runs.items():
+        iterations, accuracy = read_validation_curve(model_dir)
+        if not len(iterations):
+            raise ValueError(f"{model_dir}: no {VALIDATION_ACCURACY_TAG} in its logs/validation")
+        axis.plot(iterations, 100 * accuracy, marker=".", label=label)
+    axis.set_xlabel("meta-updates")
+    axis.set_ylabel("validation accuracy after adaptation (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(argv):
+    """`python -m maml_tf.plots OUT.png LABEL=MODEL_DIR...`: validation curves of runs."""
+    if len(argv) < 3 or not all("=" in run for run in argv[2:]):
+        print("usage: python -m maml_tf.plots OUT.png LABEL=MODEL_DIR...", file=sys.stderr)
+        return 2
+    runs = dict(run.split("=", 1) for run in argv[2:])
+    try:
+        print(validation_curves(argv[1], runs))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

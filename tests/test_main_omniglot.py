@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from cli import ROOT, run_main
 
-from maml_tf import pretrained
+from maml_tf import plots, pretrained
 
 SMALL = [
     "--dataset=omniglot",
@@ -83,6 +83,14 @@ def test_a_truncated_zip_gets_one_line_naming_it(full_size_omniglot, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "images_background.zip" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_validation_curve_is_read_from_the_training_logs(omniglot_run):
+    model_dir, _ = omniglot_run
+    iterations, accuracy = plots.read_validation_curve(model_dir)
+    # --train_steps=4 in epochs of --steps_per_epoch=2: validated after meta-updates 2 and 4.
+    np.testing.assert_array_equal(iterations, [2, 4])
+    assert np.all((accuracy >= 0) & (accuracy <= 1))
 
 
 def test_training_writes_a_saved_model(omniglot_run):

@@ -1,0 +1,45 @@
+"""Validation curves read back from TensorBoard event files, as a resumed run leaves them."""
+
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf import plots
+
+
+def _write(directory, points):
+    writer = tf.summary.create_file_writer(str(directory))
+    with writer.as_default():
+        for step, value in points:
+            tf.summary.scalar(plots.VALIDATION_ACCURACY_TAG, value, step=step)
+            tf.summary.scalar("evaluation_query_loss_vs_iterations", 1 - value, step=step)
+    writer.close()
+
+
+def test_a_resumed_run_reads_as_one_curve_with_the_newer_values(tmp_path):
+    validation = tmp_path / "run" / "logs" / "validation"
+    _write(validation, [(1000, 0.90), (2000, 0.93)])
+    time.sleep(1.1)  # a resumed run's events file is newer
+    _write(validation, [(2000, 0.94), (3000, 0.96)])
+
+    iterations, accuracy = plots.read_validation_curve(tmp_path / "run")
+
+    np.testing.assert_array_equal(iterations, [1000, 2000, 3000])
+    np.testing.assert_allclose(accuracy, [0.90, 0.94, 0.96], rtol=1e-6)
+
+
+def test_validation_curves_draw_every_run(tmp_path):
+    for name in ("a", "b"):
+        _write(tmp_path / name / "logs" / "validation", [(1000, 0.5), (2000, 0.7)])
+    path = plots.validation_curves(
+        str(tmp_path / "curves.png"), {"A": tmp_path / "a", "B": tmp_path / "b"}
+    )
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path == str(tmp_path / "curves.png")
+
+
+def test_a_run_without_validation_logs_is_named(tmp_path):
+    with pytest.raises(ValueError, match="empty: no evaluation_query_accuracy_vs_iterations"):
+        plots.validation_curves(str(tmp_path / "x.png"), {"empty": tmp_path / "empty"})
