@@ -21,11 +21,9 @@ Make one from a training run with
 import dataclasses
 import json
 import os
-import shutil
 import sys
 
 from maml_tf import checkpoints, training
-from maml_tf.config import Config
 from maml_tf.errors import UserError
 
 # Where the run's files were on the machine that trained it: meaningless elsewhere.
@@ -45,7 +43,7 @@ def load(directory, checkpoint="best"):
     Raises:
       UserError: no model there, or weights that do not fit its config.
     """
-    config = _config(directory)
+    config = training.saved_config(directory)
     config = dataclasses.replace(config, checkpoint=checkpoint)
     model = training.build_model(config, training.build_learner(config))
     training.load_weights(config, model, directory)
@@ -56,34 +54,32 @@ def package(run_dir, out_dir, checkpoint="best"):
     """Writes a run's weights and config as a pretrained model in `out_dir`.
 
     The config's machine paths are cleared (give `--data_dir` when evaluating), and the run's
-    `results.json` is kept beside them as the record of what the model scored.
+    `results.json` is kept beside them, with the same config, as the record of what the model
+    scored.
 
     Returns:
       The list of files written.
     """
     model = load(run_dir, checkpoint)
-    config = _config(run_dir)
+    config = training.saved_config(run_dir)
     os.makedirs(out_dir, exist_ok=True)
     cleared = dataclasses.replace(config, **{name: None for name in _MACHINE_FIELDS})
     cleared = dataclasses.replace(cleared, allow_changed=(), verbose=1)
     written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, training.FINAL_WEIGHTS)]
     cleared.save(written[0])
     checkpoints.atomic_save_weights(model.learner, written[1])
-    results = os.path.join(run_dir, training.RESULTS)
-    if os.path.exists(results):
+    results_path = os.path.join(run_dir, training.RESULTS)
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+        results["config"] = dataclasses.asdict(cleared)
+        if "weights" in results.get("protocol", {}):
+            results["protocol"]["weights"] = os.path.basename(results["protocol"]["weights"])
         written.append(os.path.join(out_dir, training.RESULTS))
-        shutil.copyfile(results, written[-1])
+        with open(written[-1], "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+            f.write("\n")
     return written
-
-
-def _config(directory):
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{directory}: no maml_tf model here ({path} is missing)")
-    try:
-        return Config.load(path).resolve()
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not a maml_tf config ({error})") from None
 
 
 def main(argv):

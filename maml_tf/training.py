@@ -221,7 +221,7 @@ def load_weights(config, model, directory):
 
 def _check_init_from(config):
     """Refuses an `init_from` that is missing or whose network differs from the run's."""
-    source = _source_config(config.init_from, "init_from")
+    source = saved_config(config.init_from, "init_from")
     for name in ("dataset", "learner", "conv_variant", "filters", "n_way", "image_size"):
         if getattr(source, name) != getattr(config, name):
             raise UserError(
@@ -484,10 +484,17 @@ def evaluate(config):
     )
 
 
-def _source_config(directory, flag):
+def saved_config(directory, flag=None):
+    """The resolved config of the run or pretrained model in `directory`.
+
+    Raises:
+      UserError: no `config.json` there (naming `--flag` when the directory came from one), or
+        one that is not a maml_tf config.
+    """
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
-        raise UserError(f"--{flag}={directory}: no trained run or model here ({path} is missing)")
+        where = f"--{flag}={directory}" if flag else directory
+        raise UserError(f"{where}: no trained run or model here ({path} is missing)")
     try:
         return Config.load(path).resolve()
     except (ValueError, TypeError, KeyError) as error:
@@ -508,7 +515,7 @@ def _saved_run(config):
     flag, directory = (
         ("init_from", config.init_from) if config.init_from else ("model_dir", config.model_dir)
     )
-    saved = _source_config(directory, flag)
+    saved = saved_config(directory, flag)
     for field in dataclasses.fields(Config):
         name, asked = field.name, getattr(config, field.name)
         if name in EVAL_OVERRIDES or name in _PLUMBING or field.default is not None:
