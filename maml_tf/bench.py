@@ -31,7 +31,9 @@ A record's fields:
 - `flops_per_step` (analytic, see `meta_step_flops`), its `flops_formula`, `matmul_gflops` (the
   median rate of a float32 matrix product timed in the same process, `matmul_repeats` times
   before building the model and as often after the steps, as the machine's practical peak;
-  `matmul_gflops_before` and `matmul_gflops_after` show how the load moved),
+  `matmul_gflops_before` and `matmul_gflops_after` show how the load moved;
+  `matmul_parallel_products` products run side by side when the intra-op pool is smaller than
+  the machine, so that the rate stays the machine's),
   `achieved_gflops` (`flops_per_step` / median step time) and `fraction_of_matmul_peak`;
 - `inter_op_threads`, `intra_op_threads` (0: TensorFlow's default), `cpu_count`, the 1-minute
   load average before and after (other jobs make timings noisy), `timestamp` (UTC),
@@ -335,28 +337,44 @@ def matmul_flops(size):
     return 2 * size**3
 
 
-def matmul_seconds(size=2048, repeats=10, warmup=2):
-    """Seconds per dense float32 [size, size] x [size, size] matrix product, one per repeat.
+def matmul_parallel_products():
+    """Independent products that the process's thread pools need to fill every core.
 
-    The product runs inside a `tf.function` (as the train step does); its sum is fetched so
-    that every call has finished before the clock stops.
+    With TensorFlow's default pools one product uses every core. With a smaller intra-op pool
+    (e.g. `--intra_op_threads=1`, under which `map` runs tasks side by side) one product uses
+    only that many threads, so cores / intra-op threads products run at once on the inter-op
+    pool, as the train step's tasks do; the rate is then still the machine's.
+    """
+    import tensorflow as tf
+
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    cores = os.cpu_count() or 1
+    return max(1, cores // intra) if intra else 1
+
+
+def matmul_seconds(size=2048, repeats=10, warmup=2, products=1):
+    """Seconds per round of `products` dense float32 [size, size] x [size, size] products.
+
+    The products run inside one `tf.function` (as the train step does); their sum is fetched
+    so that every call has finished before the clock stops.
 
     Args:
       size: matrix side.
-      repeats: timed products.
-      warmup: untimed products first (tracing, thread pools, memory).
+      repeats: timed rounds.
+      warmup: untimed rounds first (tracing, thread pools, memory).
+      products: independent products per round (see `matmul_parallel_products`).
 
     Returns:
       list of `repeats` floats.
     """
     import tensorflow as tf
 
-    a = tf.random.stateless_normal([size, size], seed=[1, 2])
+    a = [tf.random.stateless_normal([size, size], seed=[1, i]) for i in range(products)]
     b = tf.random.stateless_normal([size, size], seed=[3, 4])
 
     @tf.function
     def product_sum(a, b):
-        return tf.reduce_sum(tf.linalg.matmul(a, b))
+        return tf.add_n([tf.reduce_sum(tf.linalg.matmul(x, b)) for x in a])
 
     times = []
     for i in range(warmup + repeats):
@@ -367,9 +385,10 @@ def matmul_seconds(size=2048, repeats=10, warmup=2):
     return times
 
 
-def matmul_gflops(size=2048, repeats=10, warmup=2):
-    """Median rate of a dense float32 matrix product (see `matmul_seconds`), in GFLOP/s."""
-    return matmul_flops(size) / float(np.median(matmul_seconds(size, repeats, warmup))) / 1e9
+def matmul_gflops(size=2048, repeats=10, warmup=2, products=1):
+    """Median rate of dense float32 matrix products (see `matmul_seconds`), in GFLOP/s."""
+    seconds = matmul_seconds(size, repeats, warmup, products)
+    return products * matmul_flops(size) / float(np.median(seconds)) / 1e9
 
 
 def current_rss_mib():
@@ -484,7 +503,8 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
     load_before = os.getloadavg()[0]
     # The rate is measured before and after the steps, because the load of other jobs on the
     # machine changes over minutes; the peak is the median over both.
-    matmul_before = matmul_seconds(matmul_size, matmul_repeats)
+    products = matmul_parallel_products()
+    matmul_before = matmul_seconds(matmul_size, matmul_repeats, products=products)
     keras.utils.set_random_seed(seed)
     rss_before_model = peak_rss_mib()
     learner = build_learner(config)
@@ -542,10 +562,10 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
     logging.info("%s/%s: median %.1f ms/step", config.name, task_loop, stats["step_ms_median"])
 
     flops, formula = meta_step_flops(config, learner)
-    matmul_after = matmul_seconds(matmul_size, matmul_repeats)
+    matmul_after = matmul_seconds(matmul_size, matmul_repeats, products=products)
 
     def gflops(seconds):
-        return matmul_flops(matmul_size) / float(np.median(seconds)) / 1e9
+        return products * matmul_flops(matmul_size) / float(np.median(seconds)) / 1e9
 
     peak_gflops = gflops(matmul_before + matmul_after)
     achieved_gflops = flops / (stats["step_ms_median"] / 1e3) / 1e9
@@ -586,6 +606,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         "matmul_gflops_before": gflops(matmul_before),
         "matmul_gflops_after": gflops(matmul_after),
         "matmul_size": matmul_size,
+        "matmul_parallel_products": products,
         "achieved_gflops": achieved_gflops,
         "fraction_of_matmul_peak": achieved_gflops / peak_gflops,
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),

@@ -133,6 +133,24 @@ def test_random_episodes_have_the_real_shapes_and_class_major_labels():
 
 def test_matmul_rate_is_positive():
     assert bench.matmul_gflops(size=64, repeats=2, warmup=1) > 0
+    assert bench.matmul_gflops(size=64, repeats=2, warmup=1, products=2) > 0
+
+
+def test_the_matmul_rate_fills_every_core_under_a_one_thread_intra_op_pool():
+    # In its own process: thread pools can be sized only before TensorFlow starts.
+    script = (
+        "import os\n"
+        "from maml_tf import bench, training\n"
+        "assert bench.matmul_parallel_products() == 1\n"  # TensorFlow's default pools
+        "training.set_threads(2, 1)\n"
+        "print(bench.matmul_parallel_products(), os.cpu_count())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    products, cores = result.stdout.split()
+    assert products == cores
 
 
 def run_bench(*args):
