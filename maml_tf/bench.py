@@ -28,6 +28,9 @@ A record's fields:
 - `peak_rss_mib` (`resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the timed steps, the
   whole process: Python, TensorFlow and this configuration) and `peak_rss_before_model_mib`
   (the same, just before the model was built, after the first matrix products);
+- `rss_after_warmup_mib`, `rss_after_steps_mib` and `rss_mib_by_step` (resident memory after
+  the warm-up, after the timed steps, and after every tenth of them): growth over a long run
+  (`--steps=2000`) would show a leak or retracing;
 - `flops_per_step` (analytic, see `meta_step_flops`), its `flops_formula`, `matmul_gflops` (the
   median rate of a float32 matrix product timed in the same process, `matmul_repeats` times
   before building the model and as often after the steps, as the machine's practical peak;
@@ -551,10 +554,15 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
     # Resident memory now and after the timed steps: a leak or retracing shows as growth over
     # a long run (--steps=2000).
     rss_start = current_rss_mib()
+    # Ten samples along the way tell a plateau (allocator warm-up) from a steady leak.
+    sample_every = max(1, steps // 10)
+    rss_by_step = {}
     step_ms, loss = [], None
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         seconds, loss = one_step()
         step_ms.append(1e3 * seconds)
+        if step % sample_every == 0:
+            rss_by_step[step] = current_rss_mib()
     rss_end = current_rss_mib()
     rss_peak = peak_rss_mib()
     load_after = os.getloadavg()[0]
@@ -599,6 +607,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         "peak_rss_method": "resource.getrusage(RUSAGE_SELF).ru_maxrss of the whole process",
         "rss_after_warmup_mib": rss_start,
         "rss_after_steps_mib": rss_end,
+        "rss_mib_by_step": rss_by_step,
         "flops_per_step": flops,
         "forward_flops_per_example": forward_flops(learner, 1),
         "flops_formula": formula,

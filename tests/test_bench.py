@@ -185,6 +185,8 @@ def test_command_line_prints_one_json_line_with_every_field(tmp_path):
         assert record[field] > 0, field
     assert (record["config"], record["task_loop"], record["order"]) == ("sinusoid", "map", "second")
     assert len(record["step_ms_all"]) == 2
+    assert list(record["rss_mib_by_step"]) == ["1", "2"]  # every step when there are < 10
+    assert record["matmul_parallel_products"] == 1  # TensorFlow's default pools
     assert record["flops_per_step"] == 25 * 12 * bench.forward_flops(learners.mlp(), 10)
 
 
