@@ -64,7 +64,10 @@ def package(run_dir, out_dir, checkpoint="best"):
     config = training.saved_config(run_dir)
     os.makedirs(out_dir, exist_ok=True)
     cleared = dataclasses.replace(config, **{name: None for name in _MACHINE_FIELDS})
-    cleared = dataclasses.replace(cleared, allow_changed=(), verbose=1)
+    # Thread pools suit the training machine, not the user's (README, Speed).
+    cleared = dataclasses.replace(
+        cleared, allow_changed=(), verbose=1, inter_op_threads=0, intra_op_threads=0
+    )
     written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, training.FINAL_WEIGHTS)]
     cleared.save(written[0])
     checkpoints.atomic_save_weights(model.learner, written[1])
