@@ -1,13 +1,16 @@
 """The shipped experiment flagfiles parse into the runs the README reports."""
 
 import glob
+import json
 import os
 
+import numpy as np
 import pytest
 from absl import flags as absl_flags
 from cli import ROOT
 
 import flags
+from maml_tf import pretrained
 
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.flags")))
 # (n_way, k_shot, first_order) of each experiment, as its name and the paper's table say.
@@ -35,3 +38,25 @@ def test_a_flagfile_describes_its_experiment(path):
     assert config.dataset == "omniglot" and config.split == "maml"
     assert config.model_dir == f"runs/{name}" and config.data_dir == "/data/omniglot"
     assert config.eval_inner_steps == 10 and config.test_tasks == 600
+
+
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "pretrained", "*", "config.json")))
+
+
+def test_the_5_way_1_shot_model_is_shipped():
+    assert os.path.join(ROOT, "pretrained", "omniglot_5w1s", "config.json") in SHIPPED
+
+
+@pytest.mark.parametrize("config_path", SHIPPED, ids=lambda p: os.path.basename(os.path.dirname(p)))
+def test_a_shipped_model_loads_and_adapts_without_its_training_machine(config_path):
+    directory = os.path.dirname(config_path)
+    with open(config_path) as f:
+        shipped = json.load(f)
+    assert shipped["data_dir"] is None and shipped["model_dir"] is None
+    assert os.path.getsize(os.path.join(directory, "learner.weights.h5")) < 1_000_000
+    model = pretrained.load(directory)
+    n_way = model.learner.output_shape[-1]
+    x = np.random.default_rng(0).random((n_way, 28, 28, 1), dtype=np.float32)
+    labels = np.arange(n_way, dtype=np.int32)
+    logits = model.forward(model.adapt(x, labels), x).numpy()
+    assert logits.shape == (n_way, n_way) and np.isfinite(logits).all()
