@@ -43,7 +43,10 @@ def load(directory, checkpoint="best"):
     Raises:
       UserError: no model there, or weights that do not fit its config.
     """
-    config = training.saved_config(directory)
+    return _load(training.saved_config(directory), directory, checkpoint)
+
+
+def _load(config, directory, checkpoint):
     config = dataclasses.replace(config, checkpoint=checkpoint)
     model = training.build_model(config, training.build_learner(config))
     training.load_weights(config, model, directory)
@@ -60,8 +63,8 @@ def package(run_dir, out_dir, checkpoint="best"):
     Returns:
       The list of files written.
     """
-    model = load(run_dir, checkpoint)
     config = training.saved_config(run_dir)
+    model = _load(config, run_dir, checkpoint)
     os.makedirs(out_dir, exist_ok=True)
     cleared = dataclasses.replace(config, **{name: None for name in _MACHINE_FIELDS})
     # Thread pools suit the training machine, not the user's (README, Speed).
