@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maml_tf.data import sinusoid  # noqa: E402
+from maml_tf.errors import UserError  # noqa: E402
 
 # What Keras' TensorBoard callback logs after each validation, at the optimizer's iteration count.
 VALIDATION_ACCURACY_TAG = "evaluation_query_accuracy_vs_iterations"
@@ -96,13 +97,13 @@ def validation_curves(path, runs, title="Omniglot validation accuracy"):
       `path`.
 
     Raises:
-      ValueError: a run has no validation accuracy in its logs.
+      UserError: a run has no validation accuracy in its logs.
     """
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for label, model_dir in runs.items():
         iterations, accuracy = read_validation_curve(model_dir)
         if not len(iterations):
-            raise ValueError(f"{model_dir}: no {VALIDATION_ACCURACY_TAG} in its logs/validation")
+            raise UserError(f"{model_dir}: no {VALIDATION_ACCURACY_TAG} in its logs/validation")
         axis.plot(iterations, 100 * accuracy, marker=".", label=label)
     axis.set_xlabel("meta-updates")
     axis.set_ylabel("validation accuracy after adaptation (%)")
@@ -123,7 +124,7 @@ def main(argv):
     runs = dict(run.split("=", 1) for run in argv[2:])
     try:
         print(validation_curves(argv[1], runs))
-    except ValueError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

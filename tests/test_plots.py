@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from maml_tf import plots
+from maml_tf.errors import UserError
 
 
 def _write(directory, points):
@@ -41,5 +42,5 @@ def test_validation_curves_draw_every_run(tmp_path):
 
 
 def test_a_run_without_validation_logs_is_named(tmp_path):
-    with pytest.raises(ValueError, match="empty: no evaluation_query_accuracy_vs_iterations"):
+    with pytest.raises(UserError, match="empty: no evaluation_query_accuracy_vs_iterations"):
         plots.validation_curves(str(tmp_path / "x.png"), {"empty": tmp_path / "empty"})
