@@ -14,7 +14,8 @@ All logic lives in `maml_tf`, so tests and notebooks call the same functions wit
 import os
 import sys
 
-# TensorFlow's C++ start-up chatter is not for users; set before TensorFlow is imported.
+# Fewer of TensorFlow's C++ start-up lines; set before TensorFlow is imported. TF 2.21 prints
+# the ones logged before absl::InitializeLog whatever the level.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402

@@ -4,7 +4,12 @@ import glob
 import os
 import sys
 
-import matplotlib
+if __name__ == "__main__":
+    # Run as a command, as main.py: fewer of TensorFlow's C++ start-up lines. TF 2.21 prints
+    # the ones logged before absl::InitializeLog whatever the level, so the error is the last line.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

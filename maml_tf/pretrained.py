@@ -23,8 +23,13 @@ import json
 import os
 import sys
 
-from maml_tf import checkpoints, training
-from maml_tf.errors import UserError
+if __name__ == "__main__":
+    # Run as a command, as main.py: fewer of TensorFlow's C++ start-up lines. TF 2.21 prints
+    # the ones logged before absl::InitializeLog whatever the level, so the error is the last line.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from maml_tf import checkpoints, training  # noqa: E402
+from maml_tf.errors import UserError  # noqa: E402
 
 # Where the run's files were on the machine that trained it: meaningless elsewhere.
 _MACHINE_FIELDS = ("model_dir", "data_dir", "cache_dir", "init_from", "export_dir", "tune_dir")
