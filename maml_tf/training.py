@@ -121,7 +121,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             f"done {done} meta-updates"
         )
     callbacks = [
-        keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+        monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
         *monitoring.monitoring_callbacks(config, datasets, log_dir),
         checkpoints.StopOnNonFinite(),
         checkpoints.SaveTrainingState(

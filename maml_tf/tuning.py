@@ -38,7 +38,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
-from maml_tf import checkpoints, training
+from maml_tf import checkpoints, monitoring, training
 from maml_tf.config import TUNERS, TUNING_FIELDS
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
@@ -347,7 +347,7 @@ class MamlHyperModel(kt.HyperModel):
             callbacks=[
                 checkpoints.StopOnNonFinite(),
                 *callbacks,
-                keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+                monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
             ],
             shuffle=False,
             verbose=self.config.verbose if verbose is None else verbose,

@@ -4,6 +4,7 @@ import collections
 import glob
 import os
 import re
+import tracemalloc
 import types
 
 import keras
@@ -49,7 +50,7 @@ def fit_with_monitoring(config, model, train, val, log_dir):
     """What `training._fit` does, with the monitoring callbacks wired in."""
     model.compile(optimizer=keras.optimizers.Adam(config.outer_lr))
     callbacks = [
-        keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
+        monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
         *monitoring.monitoring_callbacks(config, types.SimpleNamespace(val=val), log_dir),
     ]
     model.fit(
@@ -254,3 +255,45 @@ def test_a_run_of_several_fits_describes_itself_once(tmp_path):
     counts = collections.Counter(value.tag for _, _, value in events(tmp_path))
     once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
     assert [counts[tag] for tag in once + list(monitoring.EPISODE_TAGS.values())] == [1] * 5
+
+
+def _bytes_kept_per_batch(callback_class, tmp_path, batches=3000):
+    """Python memory a TensorBoard callback keeps per training batch, after a warm-up."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    callback = callback_class(log_dir=str(tmp_path), write_graph=False)
+    callback.set_model(model)
+    callback.on_train_begin()
+    rng = np.random.default_rng(0)
+
+    def run(first, count):
+        for batch in range(first, first + count):
+            callback.on_train_batch_begin(batch)
+            # Distinct values, as a training run's losses are.
+            logs = {"query_loss": float(rng.random()), "support_loss": float(rng.random())}
+            callback.on_train_batch_end(batch, logs)
+
+    run(0, 200)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        run(200, batches)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    callback.on_train_end()
+    return kept / batches
+
+
+def test_the_epoch_tensorboard_callback_keeps_no_memory_per_batch(tmp_path):
+    assert _bytes_kept_per_batch(monitoring.EpochTensorBoard, tmp_path) < 1.0
+
+
+def test_keras_tensorboard_still_keeps_memory_per_batch(tmp_path):
+    # Why EpochTensorBoard exists. If this fails after a Keras or TensorFlow upgrade, the leak is
+    # fixed upstream: use keras.callbacks.TensorBoard again and delete EpochTensorBoard.
+    assert _bytes_kept_per_batch(keras.callbacks.TensorBoard, tmp_path) > 20.0
+
+
+def test_the_epoch_tensorboard_callback_refuses_batch_summaries(tmp_path):
+    with pytest.raises(ValueError, match="per epoch only"):
+        monitoring.EpochTensorBoard(log_dir=str(tmp_path), update_freq=100)
