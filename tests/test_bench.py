@@ -2,17 +2,15 @@
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from cli import ROOT, run_module
 
 from maml_tf import bench, learners, maml
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NUMBER_FIELDS = (
     "first_call_s",
@@ -154,13 +152,7 @@ def test_the_matmul_rate_fills_every_core_under_a_one_thread_intra_op_pool():
 
 
 def run_bench(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "maml_tf.bench", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    return run_module("maml_tf.bench", *args)
 
 
 def test_command_line_prints_one_json_line_with_every_field(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli import ROOT, run_main
+from cli import run_main, run_module
 
 from maml_tf import plots, pretrained
 
@@ -146,13 +146,7 @@ def test_export_into_an_existing_directory_is_refused_without_overwrite(omniglot
 def test_a_packaged_model_meta_tests_exactly_as_its_run(omniglot_run, full_size_omniglot, tmp_path):
     model_dir, _ = omniglot_run
     packaged = tmp_path / "pretrained" / "tiny"
-    made = subprocess.run(
-        [sys.executable, "-m", "maml_tf.pretrained", str(model_dir), str(packaged)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    made = run_module("maml_tf.pretrained", model_dir, packaged)
     assert made.returncode == 0, made.stderr[-3000:]
     assert sorted(p.name for p in packaged.iterdir()) == [
         "config.json",
@@ -197,14 +191,8 @@ def test_a_packaged_model_loads_and_adapts_in_one_call(omniglot_run, tmp_path):
     assert np.abs(adapted - model.forward(model.theta(), x).numpy()).max() > 1e-4
 
 
-def test_packaging_a_directory_without_a_run_is_one_error_line(tmp_path):
-    made = subprocess.run(
-        [sys.executable, "-m", "maml_tf.pretrained", str(tmp_path / "none"), str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+def test_packaging_a_directory_without_a_run_ends_in_one_error_line(tmp_path):
+    made = run_module("maml_tf.pretrained", tmp_path / "none", tmp_path / "o")
     assert made.returncode == 1 and "Traceback" not in made.stderr
     assert made.stderr.strip().splitlines()[
         -1

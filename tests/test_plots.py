@@ -1,18 +1,14 @@
 """Validation curves read back from TensorBoard event files, as a resumed run leaves them."""
 
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from cli import run_module
 
 from maml_tf import plots
 from maml_tf.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write(directory, points):
@@ -51,23 +47,13 @@ def test_a_run_without_validation_logs_is_named(tmp_path):
         plots.validation_curves(str(tmp_path / "x.png"), {"empty": tmp_path / "empty"})
 
 
-def _plots_command(*argv):
-    return subprocess.run(
-        [sys.executable, "-m", "maml_tf.plots", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-
-
 def test_the_command_draws_a_run_and_names_a_run_without_logs_in_its_last_line(tmp_path):
     _write(tmp_path / "a" / "logs" / "validation", [(1000, 0.5), (2000, 0.7)])
-    drawn = _plots_command(tmp_path / "a.png", f"A={tmp_path / 'a'}")
+    drawn = run_module("maml_tf.plots", tmp_path / "a.png", f"A={tmp_path / 'a'}")
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    failed = _plots_command(tmp_path / "b.png", f"empty={tmp_path / 'empty'}")
+    failed = run_module("maml_tf.plots", tmp_path / "b.png", f"empty={tmp_path / 'empty'}")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     # Last, after whatever TensorFlow prints at start-up.
     assert failed.stderr.strip().splitlines()[-1] == (
