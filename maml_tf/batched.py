@@ -222,13 +222,15 @@ class BatchedLearner:
         mean = tf.reduce_mean(x5, axis=axes, keepdims=True)
         centred = x5 - mean
         variance = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
-        y = centred * tf.math.rsqrt(variance + layer.epsilon)
-        # gamma, beta: [B, C], broadcast to the layout of x.
+        # gamma, beta: [B, C], broadcast to the layout of x. As in `TaskNormalization`, gamma
+        # joins the per-channel factor so that the whole tensor is multiplied once.
         shape = [1, 1, 1, batch, -1] if images else [batch, 1, -1]
+        scale = tf.math.rsqrt(variance + layer.epsilon)
         i = 0
         if layer.scale:
-            y = y * tf.reshape(params[i], shape)
+            scale = scale * tf.reshape(params[i], shape)
             i += 1
+        y = centred * scale
         if layer.center:
             y = y + tf.reshape(params[i], shape)
         return tf.reshape(y, tf.shape(x)) if images else y

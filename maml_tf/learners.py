@@ -55,9 +55,12 @@ class TaskNormalization(keras.layers.Layer):
         mean = ops.mean(inputs, axis=axes, keepdims=True)
         centred = inputs - mean
         variance = ops.mean(ops.square(centred), axis=axes, keepdims=True)
-        outputs = centred * ops.rsqrt(variance + self.epsilon)
+        # gamma joins the per-channel factor before it meets the activations: one product over
+        # the whole tensor instead of two, which its first and second derivatives repeat.
+        scale = ops.rsqrt(variance + self.epsilon)
         if self.gamma is not None:
-            outputs = outputs * self.gamma
+            scale = scale * self.gamma
+        outputs = centred * scale
         if self.beta is not None:
             outputs = outputs + self.beta
         return outputs

@@ -136,6 +136,12 @@ def conv_case(variant):
     learner = learners.conv4(
         3, image_shape=(8, 8, 1), variant=variant, filters=3, blocks=2, dtype="float64"
     )
+    # Away from their initial 1 and 0, so that every term of the normalisation's derivatives
+    # that contains gamma or beta is checked, not only those that survive gamma = 1.
+    rng = np.random.default_rng(5)
+    for variable in learner.trainable_variables:
+        if variable.name in ("gamma", "beta"):
+            variable.assign(rng.uniform(0.5, 1.5, variable.shape) * rng.choice([-1, 1]))
     return learner, "sparse_categorical_crossentropy", cross_entropy, image_episodes(1)
 
 
