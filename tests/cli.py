@@ -1,4 +1,5 @@
-"""Runs `python main.py` or `python -m maml_tf.<module>` in a subprocess, as a user would."""
+"""Runs `python main.py`, `python -m maml_tf.<module>` or a script in a fresh Python process,
+from the repository root, as a user would."""
 
 import os
 import subprocess
@@ -7,23 +8,26 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args):
-    """`python main.py *args` from the repository root; returns the CompletedProcess."""
+def _run(*argv):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        [sys.executable, *map(str, argv)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
     )
+
+
+def run_main(*args):
+    """`python main.py *args`; returns the CompletedProcess."""
+    return _run(os.path.join(ROOT, "main.py"), *args)
 
 
 def run_module(module, *args):
-    """`python -m module *args` from the repository root; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    """`python -m module *args`; returns the CompletedProcess."""
+    return _run("-m", module, *args)
+
+
+def run_script(script):
+    """`python -c script`, for what must happen before TensorFlow starts in a process."""
+    return _run("-c", script)

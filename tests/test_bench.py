@@ -2,13 +2,11 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-from cli import ROOT, run_module
+from cli import run_module, run_script
 
 from maml_tf import bench, learners, maml
 
@@ -143,9 +141,7 @@ def test_the_matmul_rate_fills_every_core_under_a_one_thread_intra_op_pool():
         "training.set_threads(2, 1)\n"
         "print(bench.matmul_parallel_products(), os.cpu_count())\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
+    result = run_script(script)
     assert result.returncode == 0, result.stderr[-3000:]
     products, cores = result.stdout.split()
     assert products == cores

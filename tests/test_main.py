@@ -2,11 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from cli import ROOT, run_main
+from cli import run_main, run_script
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +146,6 @@ def test_thread_pools_sized_after_tensorflow_started_are_one_clear_error():
         "except UserError as error:\n"
         "    print(error)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
+    result = run_script(script)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("--inter_op_threads=3: TensorFlow already runs")
