@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -662,6 +663,9 @@ def run_in_subprocess(name, task_loop, timeout=None, **child_flags):
     """
     command = [
         sys.executable,
+        # A native crash inside TensorFlow then also prints the Python stack of every thread.
+        "-X",
+        "faulthandler",
         "-m",
         "maml_tf.bench",
         f"--config={name}",
@@ -679,16 +683,43 @@ def run_in_subprocess(name, task_loop, timeout=None, **child_flags):
         return {"config": name, "task_loop": task_loop, "error": f"timed out after {timeout} s"}
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
-        tail = result.stderr.strip().splitlines()[-20:]
-        logging.error("%s/%s failed:\n%s", name, task_loop, "\n".join(tail))
-        return {
-            "config": name,
-            "task_loop": task_loop,
-            "error": tail[-1] if tail else f"exit status {result.returncode}",
-        }
+        return failure_record(name, task_loop, result)
     record = json.loads(lines[-1])
     record["process_s"] = _rounded(time.perf_counter() - start)
     return record
+
+
+def failure_record(name, task_loop, result):
+    """The record of a child process that failed, and its stderr logged.
+
+    Args:
+      name: configuration name.
+      task_loop: `MAML`'s `task_loop`.
+      result: the child's `subprocess.CompletedProcess`, stderr captured as text.
+
+    Returns:
+      `{"config", "task_loop", "error"}`: the child's last stderr line, or "killed by SIGSEGV"
+      (say) if a signal ended it.
+    """
+    lines = result.stderr.strip().splitlines()
+    if result.returncode < 0:
+        # A crash in native code: its last lines are TensorFlow's or faulthandler's, and the
+        # Python stack that says which call crashed comes before them, so all of it is kept.
+        try:
+            signame = signal.Signals(-result.returncode).name
+        except ValueError:
+            signame = f"signal {-result.returncode}"
+        logging.error(
+            "%s/%s was killed by %s; its stderr:\n%s", name, task_loop, signame, result.stderr
+        )
+        return {"config": name, "task_loop": task_loop, "error": f"killed by {signame}"}
+    tail = lines[-20:]
+    logging.error("%s/%s failed:\n%s", name, task_loop, "\n".join(tail))
+    return {
+        "config": name,
+        "task_loop": task_loop,
+        "error": tail[-1] if tail else f"exit status {result.returncode}",
+    }
 
 
 def write_record(record, output=None):

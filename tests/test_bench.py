@@ -189,3 +189,18 @@ def test_an_unknown_configuration_is_a_usage_error():
     result = run_bench("--configs=P9")
     assert result.returncode != 0 and not result.stdout
     assert "unknown bench configuration 'P9'" in result.stderr
+
+
+def test_a_child_killed_by_a_signal_is_named_and_its_whole_stderr_logged(caplog):
+    # A real process that crashes in native code the way a TensorFlow op can: faulthandler
+    # prints its Python stack, then the signal ends it.
+    script = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    result = run_script("import faulthandler; faulthandler.enable(); " + script)
+    assert result.returncode == -11
+    with caplog.at_level("ERROR"):
+        record = bench.failure_record("sinusoid", "auto", result)
+    assert record == {"config": "sinusoid", "task_loop": "auto", "error": "killed by SIGSEGV"}
+    logged = caplog.text
+    assert "killed by SIGSEGV" in logged
+    assert "Fatal Python error: Segmentation fault" in logged
+    assert 'File "<string>", line 1' in logged  # faulthandler's Python stack, not cut off
