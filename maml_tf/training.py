@@ -568,7 +568,8 @@ def summary(result):
     if result.baseline_test is not None:
         add(f"pretrained (α={result.baseline_inner_lr}) {metric}", result.baseline_test)
     if config.classification:
-        task = f"{config.n_way}-way {config.k_shot}-shot, {config.n_query} queries per class"
+        queries = "query" if config.n_query == 1 else "queries"
+        task = f"{config.n_way}-way {config.k_shot}-shot, {config.n_query} {queries} per class"
     else:
         task = f"K={config.k_shot}, {config.n_query} query points"
     lines = [
