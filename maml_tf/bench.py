@@ -701,7 +701,6 @@ def failure_record(name, task_loop, result):
       `{"config", "task_loop", "error"}`: the child's last stderr line, or "killed by SIGSEGV"
       (say) if a signal ended it.
     """
-    lines = result.stderr.strip().splitlines()
     if result.returncode < 0:
         # A crash in native code: its last lines are TensorFlow's or faulthandler's, and the
         # Python stack that says which call crashed comes before them, so all of it is kept.
@@ -713,7 +712,7 @@ def failure_record(name, task_loop, result):
             "%s/%s was killed by %s; its stderr:\n%s", name, task_loop, signame, result.stderr
         )
         return {"config": name, "task_loop": task_loop, "error": f"killed by {signame}"}
-    tail = lines[-20:]
+    tail = result.stderr.strip().splitlines()[-20:]
     logging.error("%s/%s failed:\n%s", name, task_loop, "\n".join(tail))
     return {
         "config": name,
