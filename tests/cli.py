@@ -31,3 +31,15 @@ def run_module(module, *args):
 def run_script(script):
     """`python -c script`, for what must happen before TensorFlow starts in a process."""
     return _run("-c", script)
+
+
+def stderr_tail(result, chars=3000):
+    """The end of a finished process's stderr, for an assertion message.
+
+    A process that dies of a signal prints faulthandler's list of loaded extension modules last
+    (absl's `app.run` turns faulthandler on), several thousand characters that would push the
+    Python stack and TensorFlow's fatal log line out of a plain tail, so that line is left out.
+    """
+    lines = result.stderr.splitlines()
+    kept = [line for line in lines if not line.startswith("Extension modules:")]
+    return "\n".join(kept)[-chars:]

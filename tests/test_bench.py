@@ -6,7 +6,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from cli import run_module, run_script
+from cli import run_module, run_script, stderr_tail
 
 from maml_tf import bench, learners, maml
 
@@ -142,7 +142,7 @@ def test_the_matmul_rate_fills_every_core_under_a_one_thread_intra_op_pool():
         "print(bench.matmul_parallel_products(), os.cpu_count())\n"
     )
     result = run_script(script)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     products, cores = result.stdout.split()
     assert products == cores
 
@@ -162,7 +162,7 @@ def test_command_line_prints_one_json_line_with_every_field(tmp_path):
         "--matmul_repeats=2",
         f"--output={output}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
@@ -194,9 +194,14 @@ def test_an_unknown_configuration_is_a_usage_error():
 def test_a_child_killed_by_a_signal_is_named_and_its_whole_stderr_logged(caplog):
     # A real process that crashes in native code the way a TensorFlow op can: faulthandler
     # prints its Python stack, then the signal ends it.
-    script = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    # numpy: an extension module, so faulthandler ends with its "Extension modules:" list, which
+    # stderr_tail leaves out of the tests' failure messages.
+    script = "import numpy, os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
     result = run_script("import faulthandler; faulthandler.enable(); " + script)
     assert result.returncode == -11
+    assert "Extension modules: numpy" in result.stderr
+    tail = stderr_tail(result)
+    assert "Extension modules" not in tail and "Fatal Python error: Segmentation" in tail
     with caplog.at_level("ERROR"):
         record = bench.failure_record("sinusoid", "auto", result)
     assert record == {"config": "sinusoid", "task_loop": "auto", "error": "killed by SIGSEGV"}

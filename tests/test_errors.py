@@ -7,16 +7,16 @@ found by absl's validators come before TensorFlow loads; data and model errors a
 import shutil
 
 import pytest
-from cli import run_main
+from cli import run_main, stderr_tail
 from folder_fixture import TINY_FOLDER_RUN, write_folder_dataset
 
 
 def assert_one_error_naming(result, *names):
     """The run failed with exactly one `error:` line (or absl's flag message) naming `names`."""
     assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, stderr_tail(result)
     for name in names:
-        assert name in result.stderr, (name, result.stderr[-3000:])
+        assert name in result.stderr, (name, stderr_tail(result))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     if errors:
         assert len(errors) == 1, errors
@@ -155,7 +155,7 @@ def two_way_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_way")
     data_dir = write_folder_dataset(root / "images", classes=3, images=4, side=8)
     trained = run_main(*TINY_FOLDER_RUN, f"--data_dir={data_dir}", f"--model_dir={root}/model")
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.returncode == 0, stderr_tail(trained)
     return data_dir, root / "model"
 
 
@@ -192,5 +192,5 @@ def test_meta_testing_from_init_from_writes_to_model_dir(two_way_model, tmp_path
         f"--model_dir={tmp_path}/eval",
         "--test_tasks=2",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert (tmp_path / "eval" / "eval_results.json").exists()

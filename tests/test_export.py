@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cli import ROOT, stderr_tail
 
 from maml_tf import MAML, export, learners
 from maml_tf.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_WAY = 5
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -145,7 +145,7 @@ def exported(tmp_path_factory):
         env=env,
         timeout=600,
     )
-    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.returncode == 0, stderr_tail(process)
     specs = json.loads((root / "specs.json").read_text())
     results = {"exports": exports}
     for name, (model_name, signature, inputs) in calls.items():

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from cli import run_main, run_script
+from cli import run_main, run_script, stderr_tail
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def sinusoid_run(tmp_path_factory):
 
 def test_sinusoid_run_prints_the_adaptation_table(sinusoid_run):
     model_dir, result = sinusoid_run
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert "MAML query MSE" in result.stdout and "pretrained" in result.stdout
     rows = [line.split()[0] for line in result.stdout.splitlines() if line[:4].strip().isdigit()]
     assert rows == ["0", "1", "2", "3"]
@@ -45,7 +45,7 @@ def test_sinusoid_run_writes_its_files(sinusoid_run):
 def test_eval_mode_reproduces_the_test_numbers(sinusoid_run):
     model_dir, _ = sinusoid_run
     result = run_main("--mode=eval", f"--model_dir={model_dir}", "--test_tasks=20")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     trained = json.loads((model_dir / "results.json").read_text())["test"]
     evaluated = json.loads((model_dir / "eval_results.json").read_text())["test"]
     assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
@@ -61,7 +61,7 @@ def test_thread_pool_sizes_change_speed_not_the_test_numbers(sinusoid_run, tmp_p
         "--inter_op_threads=2",
         "--intra_op_threads=1",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert "TensorFlow thread pools: inter-op 2, intra-op 1" in result.stderr
     trained = json.loads((model_dir / "results.json").read_text())["test"]
     evaluated = json.loads((tmp_path / "threads" / "eval_results.json").read_text())["test"]
@@ -125,7 +125,7 @@ def test_deterministic_runs_with_one_seed_agree_bit_for_bit(tmp_path):
             "--verbose=0",
             f"--model_dir={model_dir}",
         )
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, stderr_tail(result)
         results = json.loads((model_dir / "results.json").read_text())
         assert results["config"]["seed"] == 3 and results["config"]["deterministic"]
         weights = (model_dir / "learner.weights.h5").read_bytes()
@@ -147,5 +147,5 @@ def test_thread_pools_sized_after_tensorflow_started_are_one_clear_error():
         "    print(error)\n"
     )
     result = run_script(script)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert result.stdout.startswith("--inter_op_threads=3: TensorFlow already runs")

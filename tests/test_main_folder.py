@@ -2,7 +2,7 @@
 
 import json
 
-from cli import run_main
+from cli import run_main, stderr_tail
 from folder_fixture import TINY_FOLDER_RUN, write_folder_dataset
 
 
@@ -16,7 +16,7 @@ def test_folder_dataset_trains_and_meta_tests(tmp_path):
         "--eval_inner_steps=2",
         f"--model_dir={model_dir}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert "MAML query accuracy (%)" in result.stdout
     protocol = json.loads((model_dir / "results.json").read_text())["protocol"]
     assert protocol["classes"] == {"train": 3, "val": 3, "test": 3}

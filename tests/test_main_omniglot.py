@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli import run_main, run_module
+from cli import run_main, run_module, stderr_tail
 
 from maml_tf import plots, pretrained
 
@@ -32,7 +32,7 @@ def omniglot_run(full_size_omniglot, tmp_path_factory):
 
 def test_training_reports_validation_accuracy(omniglot_run):
     _, result = omniglot_run
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert "val_query_accuracy" in result.stdout
     assert "964 characters, 19280 images" in result.stderr
     assert "659 characters, 13180 images" in result.stderr
@@ -48,7 +48,7 @@ def test_training_prints_the_accuracy_table(omniglot_run):
 def test_eval_mode_saves_per_step_accuracy_and_the_protocol(omniglot_run, full_size_omniglot):
     model_dir, _ = omniglot_run
     result = run_main("--mode=eval", f"--model_dir={model_dir}", "--test_tasks=8")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     saved = json.loads((model_dir / "eval_results.json").read_text())
     assert len(saved["test"]["query_accuracy_mean"]) == 3
     assert len(saved["test"]["query_accuracy_ci95"]) == 3
@@ -105,7 +105,7 @@ def test_export_mode_writes_a_saved_model_that_adapts_to_a_5_way_1_shot_task(
     model_dir, _ = omniglot_run
     export_dir = tmp_path / "exported"
     result = run_main("--mode=export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_tail(result)
     assert str(export_dir) in result.stdout
     # Loaded where only TensorFlow is imported, as a server would.
     script = (
@@ -123,7 +123,7 @@ def test_export_mode_writes_a_saved_model_that_adapts_to_a_5_way_1_shot_task(
         cwd=tmp_path,
         timeout=300,
     )
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.returncode == 0, stderr_tail(loaded)
     shape, labels = loaded.stdout.strip().split(") ")
     assert shape == "(5, 5" and len(json.loads(labels)) == 5
 
@@ -139,7 +139,7 @@ def test_export_into_an_existing_directory_is_refused_without_overwrite(omniglot
     replaced = run_main(
         "--mode=export", f"--model_dir={model_dir}", f"--export_dir={tmp_path}/taken", "--overwrite"
     )
-    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert replaced.returncode == 0, stderr_tail(replaced)
     assert (tmp_path / "taken" / "saved_model.pb").exists()
 
 
@@ -147,7 +147,7 @@ def test_a_packaged_model_meta_tests_exactly_as_its_run(omniglot_run, full_size_
     model_dir, _ = omniglot_run
     packaged = tmp_path / "pretrained" / "tiny"
     made = run_module("maml_tf.pretrained", model_dir, packaged)
-    assert made.returncode == 0, made.stderr[-3000:]
+    assert made.returncode == 0, stderr_tail(made)
     assert sorted(p.name for p in packaged.iterdir()) == [
         "config.json",
         "learner.weights.h5",
@@ -168,7 +168,7 @@ def test_a_packaged_model_meta_tests_exactly_as_its_run(omniglot_run, full_size_
             "--test_tasks=8",
             f"--model_dir={out}",
         )
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, stderr_tail(result)
         return json.loads((out / "eval_results.json").read_text())["test"]
 
     from_run = eval_accuracy(f"--init_from={model_dir}")

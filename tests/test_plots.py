@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from cli import run_module
+from cli import run_module, stderr_tail
 
 from maml_tf import plots
 from maml_tf.errors import UserError
@@ -50,7 +50,7 @@ def test_a_run_without_validation_logs_is_named(tmp_path):
 def test_the_command_draws_a_run_and_names_a_run_without_logs_in_its_last_line(tmp_path):
     _write(tmp_path / "a" / "logs" / "validation", [(1000, 0.5), (2000, 0.7)])
     drawn = run_module("maml_tf.plots", tmp_path / "a.png", f"A={tmp_path / 'a'}")
-    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert drawn.returncode == 0, stderr_tail(drawn)
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     failed = run_module("maml_tf.plots", tmp_path / "b.png", f"empty={tmp_path / 'empty'}")

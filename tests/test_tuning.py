@@ -9,7 +9,7 @@ import keras
 import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
-from cli import run_main
+from cli import run_main, stderr_tail
 
 import flags
 from maml_tf import tuning
@@ -311,13 +311,13 @@ def test_main_tune_mode_writes_a_flagfile_that_main_trains_from(tmp_path):
         *common,
         f"--model_dir={tmp_path}/search",
     )
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert tuned.returncode == 0, stderr_tail(tuned)
     flagfile = tmp_path / "search" / "tuning" / "best.flags"
     assert str(flagfile) in tuned.stdout
     trained = run_main(
         f"--flagfile={flagfile}", *common, "--nobaseline", f"--model_dir={tmp_path}/final"
     )
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.returncode == 0, stderr_tail(trained)
     best = tuning_best_inner_lr(flagfile)
     saved = json.loads((tmp_path / "final" / "config.json").read_text())
     assert saved["inner_lr"] == pytest.approx(best)
