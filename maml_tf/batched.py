@@ -155,7 +155,10 @@ class BatchedLearner:
         if isinstance(layer, keras.layers.Conv2D):
             return layer.activation(self._conv(layer, params, x, batch)), True
         if isinstance(layer, keras.layers.Dense):
-            y = tf.einsum("bnd,bde->bne", x, params[0])
+            # Not tf.einsum: TensorFlow 2.21 runs it with the oneDNN kernel MklEinsum, which
+            # crashed here now and then (SIGSEGV in MKLContractOperands freeing its dnnl::stream,
+            # about one process in a hundred). BatchMatMulV2 computes the same product.
+            y = tf.linalg.matmul(x, params[0])
             if layer.use_bias:
                 y = y + params[1][:, None, :]
             return layer.activation(y), False
