@@ -290,3 +290,15 @@ def test_batched_path_matches_the_per_task_path_in_float32(variant, grouped, ste
 )
 def test_auto_picks_the_batched_path_where_it_pays(learner, loss, expected):
     assert MAML(learner(), 0.1, loss=loss).task_loop == expected
+
+
+def test_the_batched_dense_path_runs_no_einsum():
+    # TensorFlow 2.21's oneDNN Einsum kernel crashed the batched sinusoid path now and then
+    # (maml_tf/batched.py); its Dense layers use BatchMatMulV2, in the meta-gradient too.
+    learner = learners.mlp(hidden=(8, 8), dtype="float64")
+    model = MAML(learner, INNER_LR, 2, loss="mse", task_loop="batched")
+    function = tf.function(model.compute_meta_gradients)
+    graph_def = function.get_concrete_function(regression_episodes(0)).graph.as_graph_def()
+    nested = [node for f in graph_def.library.function for node in f.node_def]
+    op_types = {node.op for node in [*graph_def.node, *nested]}
+    assert "BatchMatMulV2" in op_types and "Einsum" not in op_types
