@@ -15,6 +15,7 @@ from maml_tf.config import (
     MODES,
     OMNIGLOT_SPLITS,
     RANGES,
+    RESAMPLES,
     TASK_LOOPS,
     TUNERS,
     TUNING_FIELDS,
@@ -27,6 +28,7 @@ _CONFIG_FLAGS = (
     "data_dir",
     "split",
     "image_size",
+    "resample",
     "cache_dir",
     "model_dir",
     "inner_lr",
@@ -148,6 +150,14 @@ def define_flags(flag_values=flags.FLAGS):
         "image_size",
         None,
         "Side of the square images, resized once at load. Default: omniglot 28, folder 84.",
+    )
+    define(
+        "enum",
+        "resample",
+        "lanczos",
+        "How Omniglot's 105x105 one-bit PNGs are resized: lanczos (8-bit grey levels, then "
+        "LANCZOS) or nearest (binary images, what the paper's code got from Pillow).",
+        enum_values=list(RESAMPLES),
     )
     define(
         "string",

@@ -31,6 +31,8 @@ RANGES = {
     "eval_inner_steps_range": int,
 }
 OMNIGLOT_SPLITS = ("maml", "lake")
+# How Omniglot's 105x105 PNGs become 28x28 (`maml_tf.data.omniglot`).
+RESAMPLES = ("lanczos", "nearest")
 CHECKPOINTS = ("best", "final")
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
 TASK_LOOPS = ("auto", "batched", "map", "unroll")
@@ -47,6 +49,8 @@ class Config:
       split: Omniglot's class split, "maml" (1100/100/423 characters, rotations as new
         classes) or "lake" (background / evaluation alphabets).
       image_size: side of the square images (omniglot 28; folder e.g. 84 for miniImageNet).
+      resample: Omniglot's resize filter: "lanczos" (grey levels) or "nearest" (binary images,
+        as the paper's code made them).
       cache_dir: where decoded Omniglot arrays are cached (None: no cache).
       model_dir: where the run writes weights, logs, results and plots.
       inner_lr: α, step size of the inner SGD updates (on the mean support loss).
@@ -107,6 +111,7 @@ class Config:
     data_dir: str | None = None
     split: str = "maml"
     image_size: int | None = None
+    resample: str = "lanczos"
     cache_dir: str | None = None
     model_dir: str = "runs/sinusoid"
     inner_lr: float | None = None

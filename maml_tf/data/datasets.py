@@ -64,11 +64,16 @@ def load_splits(config):
     if config.dataset == "omniglot":
         if config.data_dir:
             data = omniglot.load_omniglot(
-                config.data_dir, config.cache_dir, image_size=config.image_size
+                config.data_dir,
+                config.cache_dir,
+                image_size=config.image_size,
+                resample=config.resample,
             )
         else:
             logging.info("no --data_dir: loading Omniglot through TFDS")
-            data = omniglot.load_omniglot_tfds(image_size=config.image_size)
+            data = omniglot.load_omniglot_tfds(
+                image_size=config.image_size, resample=config.resample
+            )
         return omniglot.omniglot_splits(data, config.split)
     if not config.data_dir:
         raise UserError("--dataset=folder needs --data_dir=DIR with DIR/{train,val,test}/<class>/")
@@ -103,6 +108,8 @@ def _images(config):
         "n_query": config.n_query,
         "image_size": config.image_size,
     }
+    if config.dataset == "omniglot":
+        protocol["resample"] = config.resample
     return _datasets(config, tasks, protocol)
 
 
