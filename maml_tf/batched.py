@@ -20,8 +20,14 @@ Since the tasks are independent, the gradient of the summed support losses with 
 step. Results equal the per-task path up to float rounding. TensorFlow has no float64 gradient
 kernels for grouped convolutions on CPU, so float64 weights use one convolution per task (same
 layout, same code otherwise): tests check this path in float64 against finite differences, and
-the grouped convolution against it in float32.
+the grouped convolution against it in float32. Nor, in float32, does TensorFlow's own (Eigen)
+CPU kernel: only its oneDNN kernels differentiate grouped convolutions, and TensorFlow turns
+oneDNN on by default only on some processors (AVX-512 ones, not AVX2-only ones).
+`grouped_convolution_gradients_work` tries it once per process; where it fails, every
+convolution runs per task.
 """
+
+import functools
 
 import keras
 import tensorflow as tf
@@ -90,9 +96,46 @@ def unsupported_layers(learner):
     return bad
 
 
+@functools.cache
+def grouped_convolution_gradients_work():
+    """Whether this process's TensorFlow can differentiate a float32 grouped convolution on CPU.
+
+    TensorFlow's Eigen kernels for `Conv2DBackpropInput` and `Conv2DBackpropFilter` reject
+    feature groups ("Gradients for grouped convolutions are not supported on CPU"); its oneDNN
+    kernels accept them, and oneDNN is on by default only on some processors (or with
+    TF_ENABLE_ONEDNN_OPTS=1). Tried once, eagerly, on a 2-group convolution of 1x1 images: the
+    two kernels are called directly, since `init_scope` (eager even while tracing) stops tapes.
+    """
+    # Input 1x1x2 (2 groups of 1 channel), kernel 1x1x1x2, output 1x1x2.
+    common = {"strides": [1, 1, 1, 1], "padding": "VALID"}
+    with tf.init_scope():
+        ones = tf.ones([1, 1, 1, 2])
+        try:
+            tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=[1, 1, 1, 2], filter=ones, out_backprop=ones, **common
+            )
+            tf.raw_ops.Conv2DBackpropFilter(
+                input=ones, filter_sizes=[1, 1, 1, 2], out_backprop=ones, **common
+            )
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            return False
+    return True
+
+
+def _has_convolutions(learner):
+    return any(isinstance(layer, keras.layers.Conv2D) for layer in learner.layers)
+
+
 def grouped_by_default(learner):
-    """Whether convolutions of this learner run grouped by default: not if it max-pools."""
-    return not any(isinstance(layer, keras.layers.MaxPooling2D) for layer in learner.layers)
+    """Whether this learner's convolutions run grouped by default.
+
+    Not if it max-pools (see `BatchedLearner`), nor where grouped convolutions cannot be
+    differentiated (`grouped_convolution_gradients_work`). True for a learner without
+    convolutions, which has nothing to group.
+    """
+    if any(isinstance(layer, keras.layers.MaxPooling2D) for layer in learner.layers):
+        return False
+    return not _has_convolutions(learner) or grouped_convolution_gradients_work()
 
 
 def _elementwise(activation):
@@ -106,7 +149,9 @@ class BatchedLearner:
       learner: a built `keras.Sequential` whose layers `unsupported_layers` accepts.
       grouped_convolutions: run a conv layer for all tasks as one grouped convolution (fast);
         False, or float64 weights, run one convolution per task in the same layout; "auto":
-        grouped unless the learner max-pools (see the comment in the code).
+        grouped unless the learner max-pools (see the comment in the code). Where grouped
+        convolutions cannot be differentiated (`grouped_convolution_gradients_work`), True and
+        "auto" run per-task convolutions too.
 
     Raises:
       ValueError: the learner has layers that cannot run per task.
@@ -119,6 +164,8 @@ class BatchedLearner:
             # by up to ~1e-3 (relative) against the per-task path. Without max-pooling the two
             # agree to ~1e-6, so only then is the faster grouped form the default.
             grouped_convolutions = grouped_by_default(learner)
+        elif grouped_convolutions and _has_convolutions(learner):
+            grouped_convolutions = grouped_convolution_gradients_work()
         self.grouped_convolutions = bool(grouped_convolutions)
         bad = unsupported_layers(learner)
         if bad:

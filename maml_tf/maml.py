@@ -167,8 +167,9 @@ class MAML(keras.Model):
         if task_loop == "batched" and why_not_batched:
             raise ValueError(f"task_loop='batched' cannot run this learner: {why_not_batched}")
         if task_loop == "auto":
-            # Batched with one convolution per task (learners that max-pool, see
-            # maml_tf.batched) is no faster than map and needs more memory.
+            # Batched with one convolution per task (learners that max-pool, or a TensorFlow
+            # that cannot differentiate grouped convolutions; see maml_tf.batched) is no faster
+            # than map and needs more memory.
             fast = not why_not_batched and batched.grouped_by_default(learner)
             task_loop = "batched" if fast else "map"
 
