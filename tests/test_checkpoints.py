@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,16 +91,33 @@ def runs(tmp_path_factory):
     killed, uninterrupted = root / "killed", root / "uninterrupted"
     returncode = kill_after_first_save(killed, root / "killed.log")
     step_at_kill = latest_step(killed)
+    # The killed run as another machine gets it: a snapshot copied back into place.
+    snapshot = snapshot_run(killed, root / "snapshot")
+    shutil.copytree(root / "snapshot", root / "continued")
+    continued = run_main(*RUN_FLAGS, f"--model_dir={root / 'continued'}")
     resumed = run_main(*RUN_FLAGS, f"--model_dir={killed}")
     reference = run_main(*RUN_FLAGS, f"--model_dir={uninterrupted}")
     return {
         "returncode_at_kill": returncode,
         "step_at_kill": step_at_kill,
+        "snapshot": snapshot,
+        "snapshot_dir": root / "snapshot",
+        "continued": continued,
+        "continued_dir": root / "continued",
         "resumed": resumed,
         "reference": reference,
         "killed_dir": killed,
         "reference_dir": uninterrupted,
     }
+
+
+def snapshot_run(run_dir, out_dir):
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "snapshot_run.sh"), str(run_dir), str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_the_run_was_killed_mid_training(runs):
@@ -124,6 +142,39 @@ def test_the_resumed_run_ends_with_the_uninterrupted_weights(runs, name):
     assert [n for n, _ in resumed] == [n for n, _ in reference]
     for (variable, a), (_, b) in zip(resumed, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=WEIGHT_ATOL, err_msg=variable)
+
+
+def test_a_snapshot_holds_only_the_newest_save(runs):
+    assert runs["snapshot"].returncode == 0, runs["snapshot"].stderr
+    latest = runs["snapshot_dir"] / checkpoints.CHECKPOINT_DIR / "maml" / "latest"
+    step = runs["step_at_kill"]
+    assert sorted(p.name for p in latest.iterdir()) == sorted(
+        ["checkpoint", f"ckpt-{step}.index", f"ckpt-{step}.data-00000-of-00001"]
+    )
+    assert latest_step(runs["snapshot_dir"]) == step
+
+
+def test_a_run_continued_from_its_snapshot_ends_with_the_uninterrupted_weights(runs):
+    continued = runs["continued"]
+    assert continued.returncode == 0, stderr_tail(continued)
+    assert f"after {runs['step_at_kill']} meta-updates" in continued.stderr
+    assert saved_iterations(runs["continued_dir"]) == TRAIN_STEPS
+    for name in ("learner.weights.h5", "best.weights.h5"):
+        ours = weight_arrays(runs["continued_dir"] / name)
+        reference = weight_arrays(runs["reference_dir"] / name)
+        assert [n for n, _ in ours] == [n for n, _ in reference]
+        for (variable, a), (_, b) in zip(ours, reference, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=WEIGHT_ATOL, err_msg=f"{name} {variable}")
+
+
+def test_a_snapshot_of_a_directory_without_a_run_is_one_error_line(tmp_path):
+    result = snapshot_run(tmp_path / "nothing", tmp_path / "out")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing'} holds no training run with a save (config.json, "
+        f"{tmp_path / 'nothing'}/checkpoints/maml/latest/checkpoint)"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_resumed_run_meta_tests_like_the_uninterrupted_one(runs):
