@@ -38,7 +38,7 @@ def test_nearest_gives_binary_episodes_and_lanczos_grey_levels(omniglot_to_resiz
     assert len(np.unique(grey)) > 2
 
 
-def test_the_flag_sets_the_config(tmp_path):
+def test_the_flag_sets_the_config():
     flag_values = absl_flags.FlagValues()
     flags.define_flags(flag_values)
     flag_values(["main.py", "--dataset=omniglot", "--resample=nearest"])
