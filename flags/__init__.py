@@ -49,6 +49,7 @@ _CONFIG_FLAGS = (
     "learner",
     "conv_variant",
     "filters",
+    "paper_network",
     "task_loop",
     "baseline",
     "checkpoint",
@@ -267,6 +268,14 @@ def define_flags(flag_values=flags.FLAGS):
         enum_values=["strided", "maxpool"],
     )
     define("integer", "filters", None, "Filters per conv4 layer. Default 64.")
+    define(
+        "bool",
+        "paper_network",
+        False,
+        "conv4 as the paper's code built it: normalisation without a scale gamma, its offsets "
+        "beta learned by the outer loop only (not adapted), and an N(0, 1) output kernel. "
+        "Default: gamma and beta, both adapted, and a Glorot-uniform output kernel.",
+    )
     define(
         "enum",
         "task_loop",

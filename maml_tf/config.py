@@ -71,6 +71,9 @@ class Config:
       learner: "mlp" or "conv4".
       conv_variant: "strided" or "maxpool" (conv4 only).
       filters: filters per conv4 layer.
+      paper_network: conv4 as the paper's code built it: normalisation without a scale γ, its
+        offsets β learned by the outer loop only, and an N(0, 1) output kernel
+        (`maml_tf.learners.conv4`).
       task_loop: "auto", "batched", "map" or "unroll", see `maml_tf.MAML`.
       baseline: also train and evaluate the paper's pretrained baseline (sinusoid).
       checkpoint: which weights meta-testing uses: "best" (best validation score) or "final".
@@ -132,6 +135,7 @@ class Config:
     learner: str | None = None
     conv_variant: str | None = None
     filters: int | None = None
+    paper_network: bool = False
     task_loop: str | None = None
     baseline: bool = True
     checkpoint: str = "best"

@@ -125,6 +125,7 @@ def conv4(
     blocks=4,
     dtype=None,
     name=None,
+    paper_network=False,
 ):
     """The paper's four-block convolutional classifier, in its two variants.
 
@@ -142,6 +143,10 @@ def conv4(
       blocks: number of conv blocks (4 in the paper).
       dtype: variable and compute dtype (None: Keras' floatx).
       name: model name (default `conv4_<variant>`).
+      paper_network: build it as the paper's code did: normalisation without a scale γ, and the
+        output kernel drawn from N(0, 1) (a Glorot-uniform one otherwise). That code also
+        learned the normalisation offsets β in the outer loop only: wrap it with
+        `MAML(..., outer_only=normalization_offsets(learner))` for that.
 
     Returns:
       A built `keras.Sequential`: float [batch, *image_shape] -> logits [batch, n_way].
@@ -163,7 +168,7 @@ def conv4(
                 dtype=dtype,
                 name=f"conv{i}",
             ),
-            TaskNormalization(dtype=dtype, name=f"norm{i}"),
+            TaskNormalization(scale=not paper_network, dtype=dtype, name=f"norm{i}"),
             keras.layers.ReLU(dtype=dtype, name=f"relu{i}"),
         ]
         if variant == "maxpool":
@@ -174,5 +179,17 @@ def conv4(
         layers.append(keras.layers.GlobalAveragePooling2D(dtype=dtype, name="spatial_mean"))
     else:
         layers.append(keras.layers.Flatten(dtype=dtype, name="flatten"))
-    layers.append(keras.layers.Dense(n_way, dtype=dtype, name="logits"))
+    head_init = keras.initializers.RandomNormal(stddev=1.0) if paper_network else "glorot_uniform"
+    layers.append(
+        keras.layers.Dense(n_way, kernel_initializer=head_init, dtype=dtype, name="logits")
+    )
     return keras.Sequential(layers, name=name or f"conv4_{variant}")
+
+
+def normalization_offsets(learner):
+    """The offsets β of every `TaskNormalization` in `learner`: for `MAML(outer_only=...)`."""
+    return [
+        layer.beta
+        for layer in learner._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, TaskNormalization) and layer.beta is not None
+    ]

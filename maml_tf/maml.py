@@ -73,6 +73,23 @@ def _batch_norm_layers(model):
     ]
 
 
+def _variable_paths(learner, selection):
+    """The paths of the learner's trainable variables that `selection` picks (`outer_only`)."""
+    variables = learner.trainable_variables
+    if selection is None:
+        return ()
+    if callable(selection):
+        return tuple(v.path for v in variables if selection(v))
+    known = {v.path for v in variables}
+    paths = []
+    for item in selection:
+        path = item if isinstance(item, str) else getattr(item, "path", None)
+        if path not in known:
+            raise ValueError(f"outer_only: {item!r} is not a trainable variable of the learner")
+        paths.append(path)
+    return tuple(sorted(set(paths)))
+
+
 @keras.saving.register_keras_serializable(package="maml_tf")
 class MAML(keras.Model):
     """Wraps a built Keras model (the learner f_θ) and meta-trains its initial weights θ.
@@ -111,6 +128,13 @@ class MAML(keras.Model):
         where it runs grouped convolutions or no convolutions, else map). Evaluation always
         uses "map". All give the same meta-gradient up to float rounding.
       parallel_iterations: tasks `tf.map_fn` may run at once.
+      outer_only: learner variables that only the outer loop learns: the inner loop leaves
+        them at θ, and the meta-gradient still reaches them through every forward pass. A
+        collection of variables or of their paths (`variable.path`), or a callable
+        `variable -> bool`. None: the inner loop adapts every trainable variable (the paper's
+        algorithm). The paper's code learned its normalisation offsets this way
+        (`maml_tf.learners.conv4(paper_network=True)`); adapting only the head is ANIL (Raghu
+        et al., 2020).
 
     Raises:
       ValueError: the learner is not built, contains `keras.layers.BatchNormalization` while
@@ -136,6 +160,7 @@ class MAML(keras.Model):
         classification=None,
         task_loop="auto",
         parallel_iterations=2,
+        outer_only=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -194,6 +219,11 @@ class MAML(keras.Model):
         self.parallel_iterations = int(parallel_iterations)
         self.compute_dtype_ = learner.trainable_variables[0].dtype
         self._batched = None if why_not_batched else batched.BatchedLearner(learner)
+        self.outer_only = _variable_paths(learner, outer_only)
+        # Aligned with learner.trainable_variables: which ones the inner loop updates.
+        self._adapted = [v.path not in self.outer_only for v in learner.trainable_variables]
+        if not any(self._adapted):
+            raise ValueError("outer_only names every trainable variable: nothing left to adapt")
 
         self.query_loss_tracker = keras.metrics.Mean(name="query_loss")
         self.support_loss_tracker = keras.metrics.Mean(name="support_loss")
@@ -241,15 +271,20 @@ class MAML(keras.Model):
         Returns:
           (θ', L(θ)): the new weights and the loss(es) before the step.
         """
+        adapted = [w for w, a in zip(weights, self._adapted, strict=True) if a]
         with tf.GradientTape() as tape:
-            tape.watch(weights)
+            tape.watch(adapted)
             losses = loss_fn(y, forward(weights, x))
             total = tf.reduce_sum(losses)
-        grads = tape.gradient(total, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(total, adapted, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
         alpha = tf.constant(self.inner_lr, dtype=self.compute_dtype_)
-        return [w - alpha * g for w, g in zip(weights, grads, strict=True)], losses
+        grads = iter(grads)
+        new = [
+            w - alpha * next(grads) if a else w for w, a in zip(weights, self._adapted, strict=True)
+        ]
+        return new, losses
 
     def theta(self):
         """θ: the learner's current weights, as tensors that a surrounding tape can trace."""
@@ -489,6 +524,7 @@ class MAML(keras.Model):
             "classification": self.classification,
             "task_loop": self.task_loop,
             "parallel_iterations": self.parallel_iterations,
+            "outer_only": list(self.outer_only),
             "name": self.name,
         }
 

@@ -72,6 +72,11 @@ _HPARAMS = (
     hp.HParam("learner", hp.Discrete(["mlp", "conv4"]), description="learner f_θ"),
     hp.HParam("conv_variant", hp.Discrete(["strided", "maxpool"]), description="conv4 variant"),
     hp.HParam("filters", description="filters per conv4 layer"),
+    hp.HParam(
+        "paper_network",
+        hp.Discrete([False, True]),
+        description="conv4 as the paper's code: no γ, β outer loop only, N(0, 1) head",
+    ),
     hp.HParam("inner_lr", display_name="inner_lr (α)", description="α, inner SGD step size"),
     hp.HParam("outer_lr", display_name="outer_lr (β)", description="β, Adam's learning rate"),
     hp.HParam("inner_steps", description="inner SGD steps in meta-training (0: pretrained)"),

@@ -29,6 +29,16 @@ BASELINE_INNER_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 # statistics of the set it is applied to (support or query set of one task).
 NORMALISATION = "batch statistics of each set (transductive, as the original MAML code)"
 
+
+def _normalisation(config):
+    """How the learner normalises, for the meta-test protocol."""
+    if config.learner != "conv4":
+        return "none"
+    if config.paper_network:
+        return NORMALISATION + "; no scale, offsets learned by the outer loop only"
+    return NORMALISATION
+
+
 RunResult = collections.namedtuple(
     "RunResult",
     [
@@ -71,6 +81,7 @@ def build_learner(config):
             image_shape=config.image_shape,
             variant=config.conv_variant,
             filters=config.filters,
+            paper_network=config.paper_network,
         )
     raise UserError(f"--learner={config.learner}: unknown learner")
 
@@ -85,6 +96,8 @@ def build_model(config, learner, inner_lr=None, inner_steps=None):
         first_order=config.first_order,
         loss="sparse_categorical_crossentropy" if config.classification else "mse",
         task_loop=config.task_loop,
+        # The paper's code kept its normalisation offsets out of the inner loop.
+        outer_only=learners.normalization_offsets(learner) if config.paper_network else None,
     )
 
 
@@ -222,7 +235,15 @@ def load_weights(config, model, directory):
 def _check_init_from(config):
     """Refuses an `init_from` that is missing or whose network differs from the run's."""
     source = saved_config(config.init_from, "init_from")
-    for name in ("dataset", "learner", "conv_variant", "filters", "n_way", "image_size"):
+    for name in (
+        "dataset",
+        "learner",
+        "conv_variant",
+        "filters",
+        "paper_network",
+        "n_way",
+        "image_size",
+    ):
         if getattr(source, name) != getattr(config, name):
             raise UserError(
                 f"--init_from={config.init_from} is a model with {name}={getattr(source, name)}, "
@@ -247,7 +268,7 @@ def _finish(
         "eval_seed": config.eval_seed,
         "eval_inner_steps": config.eval_inner_steps,
         "inner_lr": config.inner_lr,
-        "normalisation": NORMALISATION if config.learner == "conv4" else "none",
+        "normalisation": _normalisation(config),
         "weights": weights,
         "confidence_interval": "95%, 1.96 * sample std / sqrt(tasks)",
     }

@@ -55,8 +55,13 @@ def cross_entropy(y, logits):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
 
 
-def reference_meta_loss(learner, loss, inner_lr, steps):
-    """θ ↦ mean_i L_query(θ'_i), written plainly, as a tf.function of a flat float64 θ."""
+def reference_meta_loss(learner, loss, inner_lr, steps, adapted=None):
+    """θ ↦ mean_i L_query(θ'_i), written plainly, as a tf.function of a flat float64 θ.
+
+    `adapted`: one bool per variable, False for those the inner loop leaves at θ (all True
+    by default).
+    """
+    adapted = adapted or [True] * len(learner.trainable_variables)
     shapes = [v.shape for v in learner.trainable_variables]
     sizes = [int(np.prod(s)) for s in shapes]
 
@@ -74,8 +79,13 @@ def reference_meta_loss(learner, loss, inner_lr, steps):
                         weights, [], episodes["support_x"][i], training=True
                     )
                     support_loss = loss(episodes["support_y"][i], out)
-                grads = tape.gradient(support_loss, weights)
-                weights = [w - inner_lr * g for w, g in zip(weights, grads, strict=True)]
+                grads = tape.gradient(
+                    support_loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                )
+                weights = [
+                    w - inner_lr * g if a else w
+                    for w, g, a in zip(weights, grads, adapted, strict=True)
+                ]
             out, _ = learner.stateless_call(weights, [], episodes["query_x"][i], training=True)
             total += loss(episodes["query_y"][i], out)
         return total / tasks
@@ -83,9 +93,9 @@ def reference_meta_loss(learner, loss, inner_lr, steps):
     return meta_loss
 
 
-def finite_difference_gradient(learner, loss, inner_lr, steps, episodes):
+def finite_difference_gradient(learner, loss, inner_lr, steps, episodes, adapted=None):
     """Central differences of the reference objective in every coordinate of θ."""
-    meta_loss = reference_meta_loss(learner, loss, inner_lr, steps)
+    meta_loss = reference_meta_loss(learner, loss, inner_lr, steps, adapted)
     theta = np.concatenate([v.numpy().ravel() for v in learner.trainable_variables])
     gradient = np.zeros_like(theta)
     for j in range(theta.size):
@@ -131,10 +141,16 @@ def mlp_case():
     return learners.mlp(hidden=(8, 8), dtype="float64"), "mse", mse, regression_episodes(0)
 
 
-def conv_case(variant):
+def conv_case(variant, paper_network=False):
     keras.utils.set_random_seed(4)
     learner = learners.conv4(
-        3, image_shape=(8, 8, 1), variant=variant, filters=3, blocks=2, dtype="float64"
+        3,
+        image_shape=(8, 8, 1),
+        variant=variant,
+        filters=3,
+        blocks=2,
+        dtype="float64",
+        paper_network=paper_network,
     )
     # Away from their initial 1 and 0, so that every term of the normalisation's derivatives
     # that contains gamma or beta is checked, not only those that survive gamma = 1.
@@ -175,6 +191,50 @@ def test_second_order_meta_gradient_matches_finite_differences(case, steps, task
     numeric = finite_difference_gradient(learner, loss, INNER_LR, steps, episodes)
     errors = relative_errors(learner, analytic, numeric)
     assert max(errors.values()) <= TOLERANCE, errors
+
+
+# Variables only the outer loop learns (`outer_only`): the paper network's normalisation
+# offsets, and everything but the head (ANIL).
+OUTER_ONLY_CASES = {
+    "paper_offsets": (
+        lambda: conv_case("strided", paper_network=True),
+        learners.normalization_offsets,
+    ),
+    "head_only": (mlp_case, lambda learner: learner.trainable_variables[:-2]),
+}
+
+
+@pytest.mark.parametrize("task_loop", ["map", "batched"])
+@pytest.mark.parametrize("case", sorted(OUTER_ONLY_CASES))
+def test_outer_only_meta_gradient_matches_finite_differences(case, task_loop):
+    build, select = OUTER_ONLY_CASES[case]
+    learner, loss_name, loss, episodes = build()
+    outer_only = select(learner)
+    model = MAML(learner, INNER_LR, 2, loss=loss_name, task_loop=task_loop, outer_only=outer_only)
+    adapted = [all(v is not o for o in outer_only) for v in learner.trainable_variables]
+    assert not all(adapted) and any(adapted)
+    analytic = applied_meta_gradient(model, episodes)
+    numeric = finite_difference_gradient(learner, loss, INNER_LR, 2, episodes, adapted)
+    errors = relative_errors(learner, analytic, numeric)
+    assert max(errors.values()) <= TOLERANCE, errors
+    # The check can fail: adapting every variable is another objective.
+    everything = finite_difference_gradient(learner, loss, INNER_LR, 2, episodes)
+    assert max(relative_errors(learner, analytic, everything).values()) > 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(OUTER_ONLY_CASES))
+def test_outer_only_second_order_differs_from_first_order(case):
+    build, select = OUTER_ONLY_CASES[case]
+    learner, loss_name, _, episodes = build()
+    outer_only = select(learner)
+    second = applied_meta_gradient(
+        MAML(learner, INNER_LR, 2, loss=loss_name, outer_only=outer_only), episodes
+    )
+    first = applied_meta_gradient(
+        MAML(learner, INNER_LR, 2, loss=loss_name, first_order=True, outer_only=outer_only),
+        episodes,
+    )
+    assert np.linalg.norm(second - first) > 1e-2 * np.linalg.norm(second)
 
 
 @pytest.mark.parametrize("case", ["mlp", "conv_maxpool"])
