@@ -79,7 +79,7 @@ def _variable_paths(learner, selection):
     if selection is None:
         return ()
     if callable(selection):
-        return tuple(v.path for v in variables if selection(v))
+        return tuple(sorted(v.path for v in variables if selection(v)))
     known = {v.path for v in variables}
     paths = []
     for item in selection:
