@@ -59,6 +59,20 @@ def classifier():
     return MAML(learner, inner_lr=0.4, eval_inner_steps=3, loss="sparse_categorical_crossentropy")
 
 
+def paper_classifier():
+    """The paper code's network: no γ, β learned by the outer loop only."""
+    learner = learners.conv4(
+        N_WAY, image_shape=IMAGE_SHAPE, variant="strided", filters=8, paper_network=True
+    )
+    return MAML(
+        learner,
+        inner_lr=0.4,
+        eval_inner_steps=3,
+        loss="sparse_categorical_crossentropy",
+        outer_only=learners.normalization_offsets(learner),
+    )
+
+
 def regressor():
     return MAML(learners.mlp(hidden=(16, 16)), inner_lr=0.01, eval_inner_steps=5, loss="mse")
 
@@ -100,7 +114,11 @@ def exported(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("export")
     keras.utils.set_random_seed(0)
-    models = {"classifier": classifier(), "regressor": regressor()}
+    models = {
+        "classifier": classifier(),
+        "paper_classifier": paper_classifier(),
+        "regressor": regressor(),
+    }
     exports = {name: export.export_model(model, root / name) for name, model in models.items()}
     rng = np.random.default_rng(0)
     calls = {
@@ -114,6 +132,11 @@ def exported(tmp_path_factory):
             "classifier",
             export.ADAPT_AND_PREDICT,
             classification_episode(rng, 3),
+        ),
+        "paper_classifier_2_shot": (
+            "paper_classifier",
+            export.ADAPT_AND_PREDICT,
+            classification_episode(rng, 2),
         ),
         "regressor_serve": ("regressor", export.SERVE, {"x": rng.uniform(-5, 5, size=(9, 1))}),
         "regressor_k_5": ("regressor", export.ADAPT_AND_PREDICT, sinusoid_episode(rng, 5)),
@@ -170,7 +193,10 @@ def check_classification(model, signature, inputs, outputs):
     np.testing.assert_array_equal(outputs["labels"], expected.argmax(axis=-1))
 
 
-@pytest.mark.parametrize("name", ["classifier_serve", "classifier_1_shot", "classifier_3_shot"])
+@pytest.mark.parametrize(
+    "name",
+    ["classifier_serve", "classifier_1_shot", "classifier_3_shot", "paper_classifier_2_shot"],
+)
 def test_classifier_signatures_match_the_model_in_a_tensorflow_only_process(exported, name):
     model, signature, inputs, outputs, _, _ = exported[name]
     n = len(inputs["x" if signature == export.SERVE else "query_x"])
