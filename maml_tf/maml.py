@@ -73,21 +73,30 @@ def _batch_norm_layers(model):
     ]
 
 
-def _variable_paths(learner, selection):
-    """The paths of the learner's trainable variables that `selection` picks (`outer_only`)."""
+def _variable_positions(learner, selection):
+    """Positions in `learner.trainable_variables` of the variables `selection` picks.
+
+    Positions, not paths, are what `get_config` keeps: a deserialised learner's variable paths
+    lose the model's name (`conv4_strided/norm0/beta` comes back as `norm0/beta`).
+    """
     variables = learner.trainable_variables
     if selection is None:
         return ()
     if callable(selection):
-        return tuple(sorted(v.path for v in variables if selection(v)))
-    known = {v.path for v in variables}
-    paths = []
+        return tuple(i for i, v in enumerate(variables) if selection(v))
+    by_id = {id(v): i for i, v in enumerate(variables)}
+    by_path = {v.path: i for i, v in enumerate(variables)}
+    positions = set()
     for item in selection:
-        path = item if isinstance(item, str) else getattr(item, "path", None)
-        if path not in known:
+        if isinstance(item, int) and 0 <= item < len(variables):
+            positions.add(item)
+        elif isinstance(item, str) and item in by_path:
+            positions.add(by_path[item])
+        elif id(item) in by_id:
+            positions.add(by_id[id(item)])
+        else:
             raise ValueError(f"outer_only: {item!r} is not a trainable variable of the learner")
-        paths.append(path)
-    return tuple(sorted(set(paths)))
+    return tuple(sorted(positions))
 
 
 @keras.saving.register_keras_serializable(package="maml_tf")
@@ -130,8 +139,9 @@ class MAML(keras.Model):
       parallel_iterations: tasks `tf.map_fn` may run at once.
       outer_only: learner variables that only the outer loop learns: the inner loop leaves
         them at θ, and the meta-gradient still reaches them through every forward pass. A
-        collection of variables or of their paths (`variable.path`), or a callable
-        `variable -> bool`. None: the inner loop adapts every trainable variable (the paper's
+        collection of variables, their paths (`variable.path`) or their positions in
+        `learner.trainable_variables`, or a callable `variable -> bool`. Kept as positions
+        (`self.outer_only`). None: the inner loop adapts every trainable variable (the paper's
         algorithm). The paper's code learned its normalisation offsets this way
         (`maml_tf.learners.conv4(paper_network=True)`); adapting only the head is ANIL (Raghu
         et al., 2020).
@@ -219,9 +229,9 @@ class MAML(keras.Model):
         self.parallel_iterations = int(parallel_iterations)
         self.compute_dtype_ = learner.trainable_variables[0].dtype
         self._batched = None if why_not_batched else batched.BatchedLearner(learner)
-        self.outer_only = _variable_paths(learner, outer_only)
+        self.outer_only = _variable_positions(learner, outer_only)
         # Aligned with learner.trainable_variables: which ones the inner loop updates.
-        self._adapted = [v.path not in self.outer_only for v in learner.trainable_variables]
+        self._adapted = [i not in self.outer_only for i in range(len(learner.trainable_variables))]
         if not any(self._adapted):
             raise ValueError("outer_only names every trainable variable: nothing left to adapt")
 

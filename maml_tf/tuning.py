@@ -75,6 +75,8 @@ FLAGFILE_FIELDS = (
     "seed",
     "eval_seed",
 )
+# Of those, the ones that mean something only for Omniglot.
+OMNIGLOT_FIELDS = ("split", "resample")
 # Config fields that may differ when a search is continued: where files are, output, the
 # (equivalent) task loop, what only plain training and meta-testing use, and the fields that
 # the resolved search space already holds (and the Config fields that make the space).
@@ -593,7 +595,8 @@ def _flagfile_text(config, space, best, score, objective, completed):
     fields = [
         name
         for name in FLAGFILE_FIELDS
-        if getattr(config, name) is not None and (name != "split" or config.dataset == "omniglot")
+        if getattr(config, name) is not None
+        and (name not in OMNIGLOT_FIELDS or config.dataset == "omniglot")
     ]
     lines = [
         f"# Best of {completed} completed trials of the {space.tuner} search in "

@@ -68,15 +68,20 @@ def test_adapt_leaves_outer_only_weights_at_theta_and_moves_the_others():
         assert moved == (not variable.path.endswith("beta")), variable.path
 
 
-def test_outer_only_accepts_paths_or_a_predicate_and_survives_get_config():
+def test_outer_only_accepts_paths_positions_or_a_predicate_and_survives_get_config():
     learner = small_conv4(True)
     offsets = learners.normalization_offsets(learner)
+    positions = tuple(
+        i for i, v in enumerate(learner.trainable_variables) if v.path.endswith("beta")
+    )
+    assert len(positions) == 4
     by_path = MAML(learner, 0.4, outer_only=[v.path for v in offsets])
     by_predicate = MAML(learner, 0.4, outer_only=lambda v: v.path.endswith("beta"))
-    assert by_path.outer_only == by_predicate.outer_only == tuple(sorted(v.path for v in offsets))
+    by_position = MAML(learner, 0.4, outer_only=positions)
+    assert by_path.outer_only == by_predicate.outer_only == by_position.outer_only == positions
     config = by_path.get_config()
-    assert config["outer_only"] == list(by_path.outer_only)
     json.dumps(config)  # saved with the model: plain strings only
+    assert MAML.from_config(config).outer_only == by_path.outer_only
 
 
 def test_outer_only_refuses_a_foreign_variable_and_an_empty_inner_loop():
@@ -84,6 +89,8 @@ def test_outer_only_refuses_a_foreign_variable_and_an_empty_inner_loop():
     stranger = keras.Variable(np.zeros(3), name="stranger")
     with pytest.raises(ValueError, match="not a trainable variable"):
         MAML(learner, 0.4, outer_only=[stranger])
+    with pytest.raises(ValueError, match="not a trainable variable"):
+        MAML(learner, 0.4, outer_only=[len(learner.trainable_variables)])
     with pytest.raises(ValueError, match="nothing left to adapt"):
         MAML(learner, 0.4, outer_only=learner.trainable_variables)
 
@@ -103,7 +110,8 @@ def test_the_flag_builds_the_network_and_keeps_its_offsets_out_of_the_inner_loop
     learner = training.build_learner(config)
     model = training.build_model(config, learner)
     expected = learners.normalization_offsets(learner) if paper_network else []
-    assert model.outer_only == tuple(sorted(v.path for v in expected))
+    outer = [learner.trainable_variables[i] for i in model.outer_only]
+    assert [v.path for v in outer] == [v.path for v in expected]
     has_gamma = any(v.path.endswith("gamma") for v in learner.trainable_variables)
     assert has_gamma == (not paper_network)
 
