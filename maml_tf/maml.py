@@ -13,6 +13,7 @@ inner gradients on the same code path (FOMAML). β is the learning rate of the o
 """
 
 import collections
+import numbers
 
 import keras
 import tensorflow as tf
@@ -88,8 +89,14 @@ def _variable_positions(learner, selection):
     by_path = {v.path: i for i, v in enumerate(variables)}
     positions = set()
     for item in selection:
-        if isinstance(item, int) and 0 <= item < len(variables):
-            positions.add(item)
+        # numbers.Integral takes numpy's integers (np.flatnonzero); a bool is no position.
+        if isinstance(item, numbers.Integral) and not isinstance(item, bool):
+            if not 0 <= item < len(variables):
+                raise ValueError(
+                    f"outer_only: position {item} is out of range for the learner's "
+                    f"{len(variables)} trainable variables"
+                )
+            positions.add(int(item))
         elif isinstance(item, str) and item in by_path:
             positions.add(by_path[item])
         elif id(item) in by_id:

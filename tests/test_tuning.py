@@ -118,6 +118,10 @@ def test_each_tuner_writes_the_best_trial_as_a_flagfile(tmp_path, space):
     parsed = _parse_flagfile(result.flagfile)
     assert result.flagfile == os.path.join(directory, "best.flags")
     assert parsed.dataset == "sinusoid" and parsed.k_shot == 5 and parsed.meta_batch_size == 2
+    with open(result.flagfile) as f:
+        text = f.read()
+    # A sinusoid search's flagfile carries no Omniglot-only flag (--split, --resample).
+    assert not [name for name in tuning.OMNIGLOT_FIELDS if f"--{name}=" in text]
     for name, value in result.best_hyperparameters.items():
         assert parsed[name].value == value, name
     assert 1e-3 <= result.best_hyperparameters["inner_lr"] <= 1e-1
