@@ -173,14 +173,39 @@ def test_cache_is_reused_without_decoding(data_dir, tmp_path, monkeypatch, data)
         assert fresh.names == reread.names
 
 
-def test_cache_is_invalidated_when_a_zip_changes(data_dir, tmp_path):
+def test_cache_is_reused_for_the_same_files_with_new_modification_times(
+    data_dir, tmp_path, monkeypatch
+):
     cache_dir = tmp_path / "cache"
     load(data_dir, cache_dir=cache_dir)
+    for path in data_dir.iterdir():
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again although only modification times changed")
+
+    monkeypatch.setattr(omniglot, "_decode_characters", fail)
+    load(data_dir, cache_dir=cache_dir)
+    assert len(list(cache_dir.glob("omniglot_*.npz"))) == 1
+
+
+def test_cache_is_invalidated_when_a_zip_changes(data_dir, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = load(data_dir, cache_dir=cache_dir)
+    members = omniglot_fixture.omniglot_members("evaluation")
+    name = sorted(members)[0]
+    members[name] = omniglot_fixture.png_bytes(
+        np.zeros((omniglot_fixture.IMAGE_SIDE,) * 2, dtype=bool)
+    )
     path = data_dir / "images_evaluation.zip"
     stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    load(data_dir, cache_dir=cache_dir)
+    omniglot_fixture.write_zip(path, members)
+    # Same modification time as before, so only the contents tell the files apart.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = load(data_dir, cache_dir=cache_dir)
     assert len(list(cache_dir.glob("omniglot_*.npz"))) == 2
+    assert not np.array_equal(first.evaluation.images, second.evaluation.images)
 
 
 def test_nothing_is_written_to_the_data_dir(data_dir, tmp_path):
