@@ -111,6 +111,8 @@ class BenchConfig:
       image_shape: (height, width, channels) for conv4.
       conv_variant: "strided" or "maxpool" for conv4.
       filters: filters per conv4 layer.
+      paper_network: conv4 as the paper's code built it (`learners.conv4(paper_network=True)`,
+        normalisation offsets adapted by the outer loop only), as `--paper_network` trains it.
     """
 
     name: str
@@ -126,6 +128,7 @@ class BenchConfig:
     image_shape: tuple = (28, 28, 1)
     conv_variant: str = "strided"
     filters: int = 64
+    paper_network: bool = False
 
     @property
     def classification(self):
@@ -191,6 +194,19 @@ CONFIGS = {
             n_way=5,
             n_query=15,
             conv_variant="maxpool",
+        ),
+        BenchConfig(
+            "P4",
+            "Omniglot 5-way 5-shot, the paper's conv4 (--paper_network), 5 queries/class, "
+            "B=32, k=1",
+            learner="conv4",
+            meta_batch_size=32,
+            inner_steps=1,
+            inner_lr=2.0,
+            n_way=5,
+            k_shot=5,
+            n_query=5,
+            paper_network=True,
         ),
         BenchConfig(
             "sinusoid",
@@ -453,7 +469,11 @@ def random_episodes(config, seed=0):
 
 
 def build_learner(config):
-    """The configuration's learner: `learners.conv4` or `learners.mlp` (1-40-40-1)."""
+    """The configuration's learner: `learners.conv4` or `learners.mlp` (1-40-40-1).
+
+    Built as `training.build_learner` builds it for the same settings; the bench keeps its own
+    so that a configuration needs no data directory or image-size check.
+    """
     from maml_tf import learners
 
     if config.classification:
@@ -462,6 +482,7 @@ def build_learner(config):
             image_shape=config.image_shape,
             variant=config.conv_variant,
             filters=config.filters,
+            paper_network=config.paper_network,
         )
     return learners.mlp()
 
@@ -502,6 +523,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
     import keras
     import tensorflow as tf
 
+    from maml_tf import learners
     from maml_tf.maml import MAML
 
     load_before = os.getloadavg()[0]
@@ -519,6 +541,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         first_order=config.first_order,
         loss=config.loss,
         task_loop=task_loop,
+        outer_only=learners.normalization_offsets(learner) if config.paper_network else None,
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
 
@@ -586,6 +609,9 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         "order": config.order,
         "description": config.description,
         "learner": learner.name,
+        "paper_network": config.paper_network,
+        # Positions in learner.trainable_variables that the inner loop leaves alone.
+        "outer_only": sorted(model.outer_only),
         "meta_batch_size": config.meta_batch_size,
         "inner_steps": config.inner_steps,
         "inner_lr": config.inner_lr,

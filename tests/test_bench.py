@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from cli import run_module, run_script, stderr_tail
 
-from maml_tf import bench, learners, maml
+from maml_tf import bench, learners, maml, training
+from maml_tf.config import Config
 
 NUMBER_FIELDS = (
     "first_call_s",
@@ -102,13 +103,37 @@ def test_meta_step_flops_follow_the_documented_formula():
 
 
 def test_config_names_and_first_order_variants():
-    assert bench.default_config_names() == ["P1", "P1-FO", "P2", "P3", "sinusoid"]
+    assert bench.default_config_names() == ["P1", "P1-FO", "P2", "P3", "P4", "sinusoid"]
     assert "P1-FO" not in bench.default_config_names("none")
     assert "P3-FO" in bench.default_config_names("all")
     p2_fo = bench.config_by_name("P2-FO")
     assert p2_fo.first_order and p2_fo.inner_steps == bench.CONFIGS["P2"].inner_steps
     with pytest.raises(ValueError, match="unknown"):
         bench.config_by_name("P9")
+
+
+def test_the_paper_network_configuration_builds_what_training_builds():
+    config = bench.config_by_name("P4")
+    trained = training.build_learner(
+        Config(dataset="omniglot", n_way=5, k_shot=5, paper_network=True).resolve()
+    )
+    benched = bench.build_learner(config)
+    assert [(v.path, v.shape) for v in benched.trainable_variables] == [
+        (v.path, v.shape) for v in trained.trainable_variables
+    ]
+    # No scale γ, unlike the default conv4.
+    default = bench.build_learner(dataclasses.replace(config, paper_network=False))
+    assert len(benched.trainable_variables) < len(default.trainable_variables)
+
+
+def test_a_paper_network_run_leaves_the_normalisation_offsets_to_the_outer_loop():
+    config = dataclasses.replace(bench.config_by_name("P4"), meta_batch_size=2, filters=4)
+    record = bench.run_config(config, "map", steps=1, warmup=0, matmul_size=64, matmul_repeats=1)
+    learner = bench.build_learner(config)
+    expected = maml._variable_positions(learner, learners.normalization_offsets(learner))
+    assert record["paper_network"] is True
+    assert record["outer_only"] == sorted(expected) and len(expected) == 4
+    assert np.isfinite(record["last_query_loss"])
 
 
 def test_default_task_loops_are_those_maml_accepts():
