@@ -195,12 +195,15 @@ class SaveTrainingState(keras.callbacks.Callback):
         self._seconds_before = float(self.state.train_seconds.numpy())
         self._start = time.perf_counter()
 
+    def _count_seconds(self):
+        self.state.train_seconds.assign(self._seconds_before + time.perf_counter() - self._start)
+
     def _save(self):
         # A step can give finite losses and still non-finite weights (an overflowing gradient);
         # such a state must not replace the last good save.
         if not _all_finite(self.model.learner.trainable_variables):
             raise NonFiniteError(self.state.step, "the learner's weights θ")
-        self.state.train_seconds.assign(self._seconds_before + time.perf_counter() - self._start)
+        self._count_seconds()
         self.state.save()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -213,6 +216,8 @@ class SaveTrainingState(keras.callbacks.Callback):
         score = (logs or {}).get(self.monitor)
         if score is not None and self.state.improved(float(score)):
             self.state.best_score.assign(float(score))
+            # Else the best save would carry the time of the previous save, not its own.
+            self._count_seconds()
             if self.best_weights_path:
                 atomic_save_weights(self.model.learner, self.best_weights_path)
             self.state.save_best()

@@ -285,6 +285,31 @@ def test_weights_are_written_through_a_rename(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_the_best_save_carries_its_own_training_time(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path, model)
+    callback = checkpoints.SaveTrainingState(state, every_steps=1, monitor="val_score")
+    callback.set_model(model)
+    callback.set_params({"steps": 2})
+    callback.on_train_begin()
+    model.optimizer.iterations.assign(1)
+    callback.on_train_batch_end(0)  # a save within the epoch
+    time.sleep(0.3)
+    model.optimizer.iterations.assign(2)
+    callback.on_train_batch_end(1)
+    callback.on_epoch_end(0, {"val_score": 0.5})
+
+    def seconds(kind):
+        path = tf.train.latest_checkpoint(str(tmp_path / kind))
+        reader = tf.train.load_checkpoint(path)
+        return path, reader.get_tensor("train_seconds/.ATTRIBUTES/VARIABLE_VALUE")
+
+    (best_path, best), (latest_path, latest) = seconds("best"), seconds("latest")
+    assert best_path.endswith("-2") and latest_path.endswith("-2")
+    # Not the 0.3 s less of the save at step 1; the latest save follows a moment later.
+    assert 0.3 <= best <= latest < best + 0.3
+
+
 # ------------------------------------------------------------------------- non-finite losses
 
 NAN_FLAGS = (
