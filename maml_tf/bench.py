@@ -471,8 +471,8 @@ def random_episodes(config, seed=0):
 def build_learner(config):
     """The configuration's learner: `learners.conv4` or `learners.mlp` (1-40-40-1).
 
-    Built as `training.build_learner` builds it for the same settings; the bench keeps its own
-    so that a configuration needs no data directory or image-size check.
+    Built as `training.build_learner` builds it for the same settings; that one takes a resolved
+    `Config`, not a `BenchConfig`, and a test checks that the two build the same P4 network.
     """
     from maml_tf import learners
 
