@@ -209,6 +209,17 @@ CONFIGS = {
             paper_network=True,
         ),
         BenchConfig(
+            "P5",
+            "Omniglot 20-way 5-shot, strided conv4, 5 queries/class, B=16, k=5",
+            learner="conv4",
+            meta_batch_size=16,
+            inner_steps=5,
+            inner_lr=2.0,
+            n_way=20,
+            k_shot=5,
+            n_query=5,
+        ),
+        BenchConfig(
             "sinusoid",
             "sinusoid regression, MLP 1-40-40-1, K=10 support and 10 query points, B=25, k=1",
             learner="mlp",

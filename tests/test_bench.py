@@ -103,7 +103,7 @@ def test_meta_step_flops_follow_the_documented_formula():
 
 
 def test_config_names_and_first_order_variants():
-    assert bench.default_config_names() == ["P1", "P1-FO", "P2", "P3", "P4", "sinusoid"]
+    assert bench.default_config_names() == ["P1", "P1-FO", "P2", "P3", "P4", "P5", "sinusoid"]
     assert "P1-FO" not in bench.default_config_names("none")
     assert "P3-FO" in bench.default_config_names("all")
     p2_fo = bench.config_by_name("P2-FO")
