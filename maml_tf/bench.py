@@ -21,8 +21,8 @@ A record's fields:
   another loop), `order` ("second" or "first"), and the configuration's hyperparameters;
 - `first_call_s`: the first call of the train function, i.e. tracing, graph optimisation and
   the first meta-step; `trace_s_estimate` is that minus the median step; `traces`: how often
-  `train_step` was traced (2 with a fresh optimizer: the first trace creates Adam's variables
-  and `tf.function` then traces again without creating them; more means retracing);
+  `train_step` was traced (1: `MAML.compile` creates Adam's variables, so the first trace
+  creates none and `tf.function` need not trace again without them; more means retracing);
 - `step_ms_median`, `step_ms_p10`, `step_ms_p25`, `step_ms_p75`, `step_ms_p90`, `step_ms_min`,
   `step_ms_max`, `step_ms_all`: ms per meta-step over `steps` calls after `warmup` calls;
 - `peak_rss_mib` (`resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the timed steps, the

@@ -132,6 +132,8 @@ def test_a_paper_network_run_leaves_the_normalisation_offsets_to_the_outer_loop(
     learner = bench.build_learner(config)
     expected = maml._variable_positions(learner, learners.normalization_offsets(learner))
     assert record["paper_network"] is True
+    # One trace: Adam's variables exist before it (MAML.compile), so nothing retraces.
+    assert record["traces"] == 1
     assert record["outer_only"] == sorted(expected) and len(expected) == 4
     assert np.isfinite(record["last_query_loss"])
 
