@@ -320,7 +320,9 @@ def omniglot_like_episodes(seed, tasks, n_way, n_query):
         ("maxpool", False, 2, False),
     ],
 )
-def test_batched_path_matches_the_per_task_path_in_float32(variant, grouped, steps, first_order):
+def test_batched_path_is_as_exact_as_the_per_task_path_in_float32(
+    variant, grouped, steps, first_order
+):
     keras.utils.set_random_seed(5)
     learner = learners.conv4(5, variant=variant)
     exact_learner = learners.conv4(5, variant=variant, dtype="float64")
