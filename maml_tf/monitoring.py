@@ -199,34 +199,57 @@ def sinusoid_fit_png(model, task, steps, title="MAML"):
     return buffer.getvalue()
 
 
-class HParamsSummary(keras.callbacks.Callback):
+class _OncePerRun(keras.callbacks.Callback):
+    """Writes `write()` into `writer` at the first train begin of a run, and never again.
+
+    Not at a later `fit` given the same callback (a run resumed mid-epoch calls `fit` twice),
+    nor when the run resumes in a new process (`resumed`): its log directory has it already,
+    and a second copy of the same episode images adds 400 kB per resume to the event files.
+
+    Args:
+      writer: a `tf.summary.SummaryWriter`.
+      resumed: the run continues from a save, so its log directory has this already.
+    """
+
+    def __init__(self, writer, resumed=False):
+        super().__init__()
+        self.writer = writer
+        self._written = resumed
+
+    def write(self):
+        raise NotImplementedError
+
+    def on_train_begin(self, logs=None):
+        if self._written:
+            return
+        self._written = True
+        with self.writer.as_default():
+            self.write()
+        self.writer.flush()
+
+
+class HParamsSummary(_OncePerRun):
     """Writes the run's hyperparameters and the experiment they belong to (HParams dashboard).
 
-    At the first train begin: the experiment (hyperparameters and metrics, the same for every
-    run) and the session start with `run_hparams(config, model)`; at each train end: the
-    session's end (a run made of several `fit` calls ends with its last). Write it
+    At the run's first train begin: the experiment (hyperparameters and metrics, the same for
+    every run) and the session start with `run_hparams(config, model)`; at each train end: the
+    session's end (a run made of several `fit` calls, or resumed, ends with its last). Write it
     into the directory given to `EpochTensorBoard`: the metrics are that callback's
     `epoch_query_loss` and `epoch_query_accuracy` in `validation/` and `train/` below it.
 
     Args:
       writer: a `tf.summary.SummaryWriter` on that log directory.
       config: a resolved `Config`.
+      resumed: see `_OncePerRun`.
     """
 
-    def __init__(self, writer, config):
-        super().__init__()
-        self.writer = writer
+    def __init__(self, writer, config, resumed=False):
+        super().__init__(writer, resumed)
         self.config = config
-        self._started = False
 
-    def on_train_begin(self, logs=None):
-        if self._started:  # a later `fit` of the same run (resumed mid-epoch)
-            return
-        self._started = True
-        with self.writer.as_default():
-            hp.hparams_config(hparams=list(_HPARAMS), metrics=list(_METRICS))
-            hp.hparams(run_hparams(self.config, self.model), start_time_secs=int(time.time()))
-        self.writer.flush()
+    def write(self):
+        hp.hparams_config(hparams=list(_HPARAMS), metrics=list(_METRICS))
+        hp.hparams(run_hparams(self.config, self.model), start_time_secs=int(time.time()))
 
     def on_train_end(self, logs=None):
         end = hparams_summary.session_end_pb(api_pb2.STATUS_SUCCESS)
@@ -235,60 +258,48 @@ class HParamsSummary(keras.callbacks.Callback):
         self.writer.flush()
 
 
-class InnerStepLayout(keras.callbacks.Callback):
-    """Writes `inner_step_layout` once, at the first train begin (Custom Scalars dashboard).
+class InnerStepLayout(_OncePerRun):
+    """Writes `inner_step_layout` once per run (Custom Scalars dashboard).
 
     Args:
       writer: a `tf.summary.SummaryWriter`.
       classification: also chart the accuracy.
+      resumed: see `_OncePerRun`.
     """
 
-    def __init__(self, writer, classification):
-        super().__init__()
-        self.writer = writer
+    def __init__(self, writer, classification, resumed=False):
+        super().__init__(writer, resumed)
         self.classification = classification
-        self._written = False
 
-    def on_train_begin(self, logs=None):
-        if self._written:
-            return
-        self._written = True
+    def write(self):
         layout = custom_scalar_summary.pb(inner_step_layout(self.classification))
-        with self.writer.as_default():
-            tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
-        self.writer.flush()
+        tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
 
 
-class EpisodeImages(keras.callbacks.Callback):
+class EpisodeImages(_OncePerRun):
     """Writes one episode as two labelled image grids, `episode/support` and `episode/query`.
 
-    Written once, at the first train begin (step 0).
+    Written once per run, at step 0.
 
     Args:
       writer: a `tf.summary.SummaryWriter`.
       task: one unbatched episode, dict of arrays `support_x` [n, H, W, C] in [0, 1],
         `support_y` [n], `query_x`, `query_y`.
       name: where the episode comes from, for the titles.
+      resumed: see `_OncePerRun`.
     """
 
-    def __init__(self, writer, task, name="validation episode 0"):
-        super().__init__()
-        self.writer = writer
+    def __init__(self, writer, task, name="validation episode 0", resumed=False):
+        super().__init__(writer, resumed)
         self.task = task
         self.name = name
-        self._written = False
 
-    def on_train_begin(self, logs=None):
-        if self._written:
-            return
-        self._written = True
-        with self.writer.as_default():
-            for part, tag in EPISODE_TAGS.items():
-                x, y = self.task[f"{part}_x"], self.task[f"{part}_y"]
-                png = episode_grid_png(x, y, f"{part} set, {len(y)} images")
-                description = f"{self.name}, {part} set: one column per label"
-                _png_summary(tag, png, 0, description)
-        self.writer.flush()
+    def write(self):
+        for part, tag in EPISODE_TAGS.items():
+            x, y = self.task[f"{part}_x"], self.task[f"{part}_y"]
+            png = episode_grid_png(x, y, f"{part} set, {len(y)} images")
+            description = f"{self.name}, {part} set: one column per label"
+            _png_summary(tag, png, 0, description)
 
 
 class SinusoidFitImages(keras.callbacks.Callback):
@@ -346,7 +357,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
         super().on_train_batch_end(batch, logs=None)
 
 
-def monitoring_callbacks(config, datasets, log_dir, fit_every=1):
+def monitoring_callbacks(config, datasets, log_dir, fit_every=1, resumed=False):
     """The callbacks that complete `EpochTensorBoard(log_dir=log_dir)` for MAML.
 
     Args:
@@ -355,20 +366,22 @@ def monitoring_callbacks(config, datasets, log_dir, fit_every=1):
         sinusoid task, is its task 0).
       log_dir: the directory given to `EpochTensorBoard` (str or path).
       fit_every: epochs between two sinusoid fit plots.
+      resumed: the run continues from a save, so `log_dir` already holds its hyperparameters,
+        layout and episode.
 
     Returns:
       A list of `keras.callbacks.Callback` sharing one summary writer on `log_dir`. Pass the
       same list to every `fit` of one run (a run resumed mid-epoch calls `fit` twice): the
-      hyperparameters, layout and episode are written once per list.
+      hyperparameters, layout and episode are written once per run.
     """
     writer = tf.summary.create_file_writer(os.fspath(log_dir))
     task = first_task(datasets.val)
     callbacks = [
-        HParamsSummary(writer, config),
-        InnerStepLayout(writer, config.classification),
+        HParamsSummary(writer, config, resumed),
+        InnerStepLayout(writer, config.classification, resumed),
     ]
     if config.classification:
-        callbacks.append(EpisodeImages(writer, task))
+        callbacks.append(EpisodeImages(writer, task, resumed=resumed))
     else:
         callbacks.append(SinusoidFitImages(writer, task, every=fit_every))
     return callbacks

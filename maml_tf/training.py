@@ -137,7 +137,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         )
     callbacks = [
         monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
-        *monitoring.monitoring_callbacks(config, datasets, log_dir),
+        *monitoring.monitoring_callbacks(config, datasets, log_dir, resumed=done > 0),
         checkpoints.StopOnNonFinite(),
         checkpoints.SaveTrainingState(
             state, config.checkpoint_every or steps_per_epoch, monitor, best_path

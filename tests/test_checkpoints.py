@@ -186,6 +186,21 @@ def test_the_resumed_run_meta_tests_like_the_uninterrupted_one(runs):
     )
 
 
+def test_the_resumed_run_describes_itself_in_its_logs_once(runs):
+    def tag_counts(model_dir):
+        counts = {}
+        for path in (model_dir / "logs").rglob("events.out.tfevents.*"):
+            for record in tf.data.TFRecordDataset(str(path)):
+                for value in tf.compat.v1.Event.FromString(record.numpy()).summary.value:
+                    counts[value.tag] = counts.get(value.tag, 0) + 1
+        return counts
+
+    once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
+    for name in ("killed_dir", "reference_dir"):
+        counts = tag_counts(runs[name])
+        assert [counts.get(tag) for tag in once] == [1, 1, 1], name
+
+
 def test_a_finished_run_is_not_trained_again(runs):
     again = run_main(*RUN_FLAGS, f"--model_dir={runs['reference_dir']}")
     assert again.returncode == 0, stderr_tail(again)

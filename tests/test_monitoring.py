@@ -257,6 +257,25 @@ def test_a_run_of_several_fits_describes_itself_once(tmp_path):
     assert [counts[tag] for tag in once + list(monitoring.EPISODE_TAGS.values())] == [1] * 5
 
 
+def test_a_resumed_run_does_not_describe_itself_again(tmp_path):
+    config = tiny_config(tmp_path, dataset="omniglot", n_way=3)
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28, 1), dtype=np.uint8)
+    datasets = types.SimpleNamespace(val=episodes.episode_dataset(images, 3, 1, 2, 1, 0, 1))
+    model = MAML(learners.mlp(hidden=(4,)), inner_lr=0.1)
+    for resumed in (False, True):  # the run's first process, then the one that resumes it
+        for callback in monitoring.monitoring_callbacks(
+            config, datasets, tmp_path, resumed=resumed
+        ):
+            callback.set_model(model)
+            callback.on_train_begin()
+            callback.on_train_end()
+    counts = collections.Counter(value.tag for _, _, value in events(tmp_path))
+    once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
+    assert [counts[tag] for tag in once + list(monitoring.EPISODE_TAGS.values())] == [1] * 5
+    # Each process still closes the HParams session it ran.
+    assert counts["_hparams_/session_end_info"] == 2
+
+
 def _bytes_kept_per_batch(callback_class, tmp_path, batches=3000):
     """Python memory a TensorBoard callback keeps per training batch, after a warm-up."""
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
