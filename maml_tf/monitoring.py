@@ -363,7 +363,7 @@ def monitoring_callbacks(config, datasets, log_dir, fit_every=1, resumed=False):
     Args:
       config: a resolved `Config`.
       datasets: the run's `Datasets` (only `datasets.val` is read: the sample episode, or
-        sinusoid task, is its task 0).
+        sinusoid task, is its task 0; a resumed classification run does not read it).
       log_dir: the directory given to `EpochTensorBoard` (str or path).
       fit_every: epochs between two sinusoid fit plots.
       resumed: the run continues from a save, so `log_dir` already holds its hyperparameters,
@@ -375,13 +375,14 @@ def monitoring_callbacks(config, datasets, log_dir, fit_every=1, resumed=False):
       hyperparameters, layout and episode are written once per run.
     """
     writer = tf.summary.create_file_writer(os.fspath(log_dir))
-    task = first_task(datasets.val)
     callbacks = [
         HParamsSummary(writer, config, resumed),
         InnerStepLayout(writer, config.classification, resumed),
     ]
-    if config.classification:
-        callbacks.append(EpisodeImages(writer, task, resumed=resumed))
-    else:
-        callbacks.append(SinusoidFitImages(writer, task, every=fit_every))
+    if not config.classification:
+        callbacks.append(SinusoidFitImages(writer, first_task(datasets.val), every=fit_every))
+    elif not resumed:
+        # A resumed run's log directory has its episode images, so its first validation
+        # episode need not be drawn (sampling one costs a pass over the validation pipeline).
+        callbacks.append(EpisodeImages(writer, first_task(datasets.val)))
     return callbacks

@@ -276,6 +276,16 @@ def test_a_resumed_run_does_not_describe_itself_again(tmp_path):
     assert counts["_hparams_/session_end_info"] == 2
 
 
+def test_a_resumed_classification_run_does_not_sample_its_episode_again(tmp_path):
+    # Its log directory has the episode images, so the validation pipeline is not read:
+    # datasets without `val` would raise AttributeError if it were.
+    config = tiny_config(tmp_path, dataset="omniglot", n_way=3)
+    callbacks = monitoring.monitoring_callbacks(
+        config, types.SimpleNamespace(), tmp_path, resumed=True
+    )
+    assert not any(isinstance(c, monitoring.EpisodeImages) for c in callbacks)
+
+
 def _bytes_kept_per_batch(callback_class, tmp_path, batches=3000):
     """Python memory a TensorBoard callback keeps per training batch, after a warm-up."""
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
