@@ -286,11 +286,10 @@ class EpisodeImages(_OncePerRun):
       task: one unbatched episode, dict of arrays `support_x` [n, H, W, C] in [0, 1],
         `support_y` [n], `query_x`, `query_y`.
       name: where the episode comes from, for the titles.
-      resumed: see `_OncePerRun`.
     """
 
-    def __init__(self, writer, task, name="validation episode 0", resumed=False):
-        super().__init__(writer, resumed)
+    def __init__(self, writer, task, name="validation episode 0"):
+        super().__init__(writer)
         self.task = task
         self.name = name
 

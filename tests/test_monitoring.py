@@ -241,37 +241,46 @@ def test_run_hparams_reports_the_models_inner_loop():
     assert "n_way" not in hparams and "split" not in hparams
 
 
+_WRITTEN_ONCE = [
+    "_hparams_/experiment",
+    "_hparams_/session_start_info",
+    "custom_scalars__config__",
+    *monitoring.EPISODE_TAGS.values(),
+]
+
+
+def _three_way_val():
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28, 1), dtype=np.uint8)
+    return types.SimpleNamespace(val=episodes.episode_dataset(images, 3, 1, 2, 1, 0, 1))
+
+
+def _train_begin_and_end(callbacks):
+    """What one `fit` calls on the monitoring callbacks."""
+    model = MAML(learners.mlp(hidden=(4,)), inner_lr=0.1)
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+        callback.on_train_end()
+
+
 def test_a_run_of_several_fits_describes_itself_once(tmp_path):
     config = tiny_config(tmp_path, dataset="omniglot", n_way=3)
-    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28, 1), dtype=np.uint8)
-    val = episodes.episode_dataset(images, 3, 1, 2, 1, 0, num_tasks=1)
-    callbacks = monitoring.monitoring_callbacks(config, types.SimpleNamespace(val=val), tmp_path)
-    model = MAML(learners.mlp(hidden=(4,)), inner_lr=0.1)
-    for _ in range(2):  # what `fit` calls, twice
-        for callback in callbacks:
-            callback.set_model(model)
-            callback.on_train_begin()
-            callback.on_train_end()
+    callbacks = monitoring.monitoring_callbacks(config, _three_way_val(), tmp_path)
+    for _ in range(2):
+        _train_begin_and_end(callbacks)
     counts = collections.Counter(value.tag for _, _, value in events(tmp_path))
-    once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
-    assert [counts[tag] for tag in once + list(monitoring.EPISODE_TAGS.values())] == [1] * 5
+    assert [counts[tag] for tag in _WRITTEN_ONCE] == [1] * 5
 
 
 def test_a_resumed_run_does_not_describe_itself_again(tmp_path):
     config = tiny_config(tmp_path, dataset="omniglot", n_way=3)
-    images = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28, 1), dtype=np.uint8)
-    datasets = types.SimpleNamespace(val=episodes.episode_dataset(images, 3, 1, 2, 1, 0, 1))
-    model = MAML(learners.mlp(hidden=(4,)), inner_lr=0.1)
+    datasets = _three_way_val()
     for resumed in (False, True):  # the run's first process, then the one that resumes it
-        for callback in monitoring.monitoring_callbacks(
-            config, datasets, tmp_path, resumed=resumed
-        ):
-            callback.set_model(model)
-            callback.on_train_begin()
-            callback.on_train_end()
+        _train_begin_and_end(
+            monitoring.monitoring_callbacks(config, datasets, tmp_path, resumed=resumed)
+        )
     counts = collections.Counter(value.tag for _, _, value in events(tmp_path))
-    once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
-    assert [counts[tag] for tag in once + list(monitoring.EPISODE_TAGS.values())] == [1] * 5
+    assert [counts[tag] for tag in _WRITTEN_ONCE] == [1] * 5
     # Each process still closes the HParams session it ran.
     assert counts["_hparams_/session_end_info"] == 2
 
