@@ -1,5 +1,6 @@
 """Training state that survives SIGKILL: resuming gives the run an uninterrupted one gives."""
 
+import collections
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from cli import ROOT, run_main, stderr_tail
+from tfevents import events
 
 from maml_tf import checkpoints, learners
 from maml_tf.errors import UserError
@@ -187,17 +189,9 @@ def test_the_resumed_run_meta_tests_like_the_uninterrupted_one(runs):
 
 
 def test_the_resumed_run_describes_itself_in_its_logs_once(runs):
-    def tag_counts(model_dir):
-        counts = {}
-        for path in (model_dir / "logs").rglob("events.out.tfevents.*"):
-            for record in tf.data.TFRecordDataset(str(path)):
-                for value in tf.compat.v1.Event.FromString(record.numpy()).summary.value:
-                    counts[value.tag] = counts.get(value.tag, 0) + 1
-        return counts
-
     once = ["_hparams_/experiment", "_hparams_/session_start_info", "custom_scalars__config__"]
     for name in ("killed_dir", "reference_dir"):
-        counts = tag_counts(runs[name])
+        counts = collections.Counter(value.tag for _, _, value in events(runs[name] / "logs"))
         assert [counts.get(tag) for tag in once] == [1, 1, 1], name
 
 

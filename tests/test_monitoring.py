@@ -1,8 +1,6 @@
 """TensorBoard logs of a tiny real `fit`: every summary the run promises is in the event files."""
 
 import collections
-import glob
-import os
 import re
 import tracemalloc
 import types
@@ -13,6 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tfevents import events
 
 from maml_tf import MAML, learners, monitoring
 from maml_tf.config import Config
@@ -23,16 +22,6 @@ EVAL_STEPS = 2
 
 # What one event file holds: run -> tag -> {step: summary value} and tag -> plugin name.
 Logs = collections.namedtuple("Logs", ["values", "plugins"])
-
-
-def events(log_dir):
-    """(run, step, summary value) of every summary under `log_dir`, run relative to `log_dir`."""
-    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
-        run = os.path.relpath(os.path.dirname(path), log_dir)
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                yield run, event.step, value
 
 
 def read_logs(log_dir):

@@ -7,9 +7,9 @@ import os
 
 import keras
 import pytest
-import tensorflow as tf
 from absl import flags as absl_flags
 from cli import run_main, stderr_tail
+from tfevents import events
 
 import flags
 from maml_tf import tuning
@@ -88,13 +88,10 @@ def _parse_flagfile(path):
 
 def _events(directory):
     """(run relative to `directory`, tag, plugin name) of every summary under `directory`."""
-    found = set()
-    for path in glob.glob(os.path.join(directory, "**", "events.out.tfevents*"), recursive=True):
-        run = os.path.relpath(os.path.dirname(path), directory)
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                found.add((run, value.tag, value.metadata.plugin_data.plugin_name))
-    return found
+    return {
+        (run, value.tag, value.metadata.plugin_data.plugin_name)
+        for run, _, value in events(directory)
+    }
 
 
 @pytest.mark.parametrize(
