@@ -12,6 +12,7 @@ All logic lives in `maml_tf`, so tests and notebooks call the same functions wit
 """
 
 import os
+import signal
 import sys
 
 # Fewer of TensorFlow's C++ start-up lines; set before TensorFlow is imported. TF 2.21 prints
@@ -22,30 +23,48 @@ from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import flags  # noqa: E402
-from maml_tf.errors import UserError  # noqa: E402
+from maml_tf.errors import Stopped, UserError  # noqa: E402
 
 flags.define_flags()
 FLAGS = absl_flags.FLAGS
+
+
+# What a Ctrl-C outside meta-training's clean stop leaves, by mode.
+AGAIN = {
+    "train": "the saves made before it are intact; the same command run again continues from "
+    "the newest",
+    "eval": "nothing was written; run the same command again to meta-test",
+    "export": "--export_dir is as it was before; run the same command again to export",
+    "tune": "the same command run again continues the search (the trial that was running "
+    "starts again)",
+}
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = flags.to_config(FLAGS)
-    # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
-    from maml_tf import training, tuning
-
-    run = {
-        "train": training.train,
-        "eval": training.evaluate,
-        "export": training.export_run,
-        "tune": tuning.tune,
-    }
     try:
+        # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
+        from maml_tf import training, tuning
+
+        run = {
+            "train": training.train,
+            "eval": training.evaluate,
+            "export": training.export_run,
+            "tune": tuning.tune,
+        }
         result = run[FLAGS.mode](config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:
+        # Outside meta-training (which stops cleanly on the first Ctrl-C), or a second Ctrl-C.
+        print(f"stopped: Ctrl-C during --mode={FLAGS.mode}; {AGAIN[FLAGS.mode]}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if FLAGS.mode == "export":
         print(f"SavedModel with signatures serve and adapt_and_predict: {result.path}")
     elif FLAGS.mode == "tune":

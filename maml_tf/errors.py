@@ -8,3 +8,23 @@ class UserError(Exception):
     names the flag or file and says what is wrong, e.g.
     `--data_dir=/x: images_background.zip is missing`.
     """
+
+
+class Stopped(Exception):  # noqa: N818 - a clean stop, like KeyboardInterrupt
+    """Meta-training stopped on a signal (SIGTERM, or Ctrl-C's SIGINT) after saving its state.
+
+    `main.py` prints `str(stop)` as one line and exits with status 128 + `signum`, the shell's
+    status for a process ended by that signal, so a scheduler sees the run as terminated.
+    Running the same command again continues the run from the save, e.g.
+    `SIGTERM after meta-update 1234: saved in runs/o5/checkpoints/maml/latest/ckpt-1234; run
+    the same command again to continue`.
+
+    Attributes:
+      signum: the signal's number.
+      step: the meta-updates done and saved.
+    """
+
+    def __init__(self, message, signum, step):
+        super().__init__(message)
+        self.signum = signum
+        self.step = step

@@ -13,7 +13,7 @@ from absl import logging
 from maml_tf import checkpoints, evaluation, export, learners, monitoring, plots
 from maml_tf.config import TUNING_FIELDS, Config
 from maml_tf.data.datasets import build_datasets
-from maml_tf.errors import UserError
+from maml_tf.errors import Stopped, UserError
 from maml_tf.maml import MAML
 
 FINAL_WEIGHTS = "learner.weights.h5"
@@ -113,8 +113,15 @@ def _monitor(config):
 def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
     """Meta-trains `model` for `config.train_steps`, resuming from the saves in `state_dir`.
 
+    The first SIGTERM or SIGINT during training ends it at the end of the meta-update under
+    way, with a save, rather than losing the meta-updates since the last periodic save.
+
     Returns:
       The run's `checkpoints.TrainingState` (with the total training wall time).
+
+    Raises:
+      Stopped: a stop signal arrived; the state is saved.
+      UserError: a non-finite loss or θ (the last good save is kept), or too few train_steps.
     """
     steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
     if config.train_steps % steps_per_epoch:
@@ -135,13 +142,17 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             f"--train_steps={config.train_steps}: the run in {config.model_dir} has already "
             f"done {done} meta-updates"
         )
+    tensorboard = monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False)
+    saver = checkpoints.SaveTrainingState(
+        state, config.checkpoint_every or steps_per_epoch, monitor, best_path
+    )
+    stop = checkpoints.StopRequests()
     callbacks = [
-        monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
+        tensorboard,
         *monitoring.monitoring_callbacks(config, datasets, log_dir, resumed=done > 0),
         checkpoints.StopOnNonFinite(),
-        checkpoints.SaveTrainingState(
-            state, config.checkpoint_every or steps_per_epoch, monitor, best_path
-        ),
+        saver,
+        checkpoints.StopOnSignal(stop),
     ]
     # Keras epochs cannot start part-way, so a run killed mid-epoch first finishes that epoch
     # with a shorter `fit`, then runs the remaining whole epochs.
@@ -153,18 +164,29 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
     if epoch < config.train_steps // steps_per_epoch:
         segments.append((epoch, steps_per_epoch))
     try:
-        for first_epoch, steps in segments:
-            last_epoch = first_epoch + 1 if steps < steps_per_epoch else None
-            model.fit(
-                datasets.train_from(state.step),
-                initial_epoch=first_epoch,
-                epochs=last_epoch or config.train_steps // steps_per_epoch,
-                steps_per_epoch=steps,
-                validation_data=datasets.val,
-                callbacks=callbacks,
-                shuffle=False,
-                verbose=config.verbose,
-            )
+        with stop:
+            try:
+                for first_epoch, steps in segments:
+                    last_epoch = first_epoch + 1 if steps < steps_per_epoch else None
+                    model.fit(
+                        datasets.train_from(state.step),
+                        initial_epoch=first_epoch,
+                        epochs=last_epoch or config.train_steps // steps_per_epoch,
+                        steps_per_epoch=steps,
+                        validation_data=datasets.val,
+                        callbacks=callbacks,
+                        shuffle=False,
+                        verbose=config.verbose,
+                    )
+            except checkpoints.StopRequested as request:
+                saver.save()
+                # Its epoch scalars wait in a buffer that only closing the writers empties.
+                tensorboard.on_train_end()
+                raise _stopped(request.signum, state) from None
+        if stop.signum is not None:
+            # The signal came after the last check (in the final save): the run is complete
+            # and saved, but the user asked for the process to end.
+            raise _stopped(stop.signum, state)
     except checkpoints.NonFiniteError as error:
         raise UserError(
             f"{error}; training stopped. The last good save ({state.latest_description()}) is "
@@ -172,6 +194,15 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             "--clip_norm, adding --allow_changed=<the flags you changed> to resume from it"
         ) from None
     return state
+
+
+def _stopped(signum, state):
+    request = checkpoints.StopRequested(signum, state.step)
+    return Stopped(
+        f"{request}: saved in {state.latest_path()}; run the same command again to continue",
+        signum,
+        state.step,
+    )
 
 
 def _tune_baseline_lr(config, baseline, val):
@@ -407,6 +438,8 @@ def train(config):
 
     Raises:
       UserError: bad data or flag combinations.
+      Stopped: SIGTERM or SIGINT during meta-training; the state is saved, and calling again
+        with the same config continues the run.
     """
     config = config.resolve()
     set_threads(config.inter_op_threads, config.intra_op_threads)

@@ -1,4 +1,4 @@
-"""Training state that survives SIGKILL: resuming gives the run an uninterrupted one gives."""
+"""Training state that survives SIGKILL and SIGTERM: resuming gives the uninterrupted run."""
 
 import collections
 import json
@@ -14,10 +14,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from cli import ROOT, run_main, stderr_tail
+from cli import ROOT, run_main, run_script, stderr_tail
 from tfevents import events
 
 from maml_tf import checkpoints, learners
+from maml_tf.data import sinusoid
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
 
@@ -68,8 +69,12 @@ def weight_arrays(path):
     return arrays
 
 
-def kill_after_first_save(model_dir, log_path):
-    """Starts a training run and SIGKILLs it as soon as its first save is on disk."""
+def signal_after_first_save(model_dir, log_path, signum):
+    """Starts a training run, sends it `signum` as soon as its first save is on disk and waits.
+
+    Returns:
+      The process's return code.
+    """
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "main.py"), *RUN_FLAGS, f"--model_dir={model_dir}"],
@@ -82,8 +87,8 @@ def kill_after_first_save(model_dir, log_path):
             assert process.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.send_signal(signum)
+        process.wait(timeout=300)
     return process.returncode
 
 
@@ -91,13 +96,19 @@ def kill_after_first_save(model_dir, log_path):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     killed, uninterrupted = root / "killed", root / "uninterrupted"
-    returncode = kill_after_first_save(killed, root / "killed.log")
+    terminated = root / "terminated"
+    returncode = signal_after_first_save(killed, root / "killed.log", signal.SIGKILL)
     step_at_kill = latest_step(killed)
     # The killed run as another machine gets it: a snapshot copied back into place.
     snapshot = snapshot_run(killed, root / "snapshot")
     shutil.copytree(root / "snapshot", root / "continued")
     continued = run_main(*RUN_FLAGS, f"--model_dir={root / 'continued'}")
     resumed = run_main(*RUN_FLAGS, f"--model_dir={killed}")
+    returncode_at_term = signal_after_first_save(
+        terminated, root / "terminated.log", signal.SIGTERM
+    )
+    term_saves = (latest_step(terminated), saved_iterations(terminated))
+    term_resumed = run_main(*RUN_FLAGS, f"--model_dir={terminated}")
     reference = run_main(*RUN_FLAGS, f"--model_dir={uninterrupted}")
     return {
         "returncode_at_kill": returncode,
@@ -110,6 +121,11 @@ def runs(tmp_path_factory):
         "reference": reference,
         "killed_dir": killed,
         "reference_dir": uninterrupted,
+        "returncode_at_term": returncode_at_term,
+        "term_log": (root / "terminated.log").read_text(),
+        "term_saves": term_saves,
+        "term_resumed": term_resumed,
+        "terminated_dir": terminated,
     }
 
 
@@ -128,7 +144,7 @@ def test_the_run_was_killed_mid_training(runs):
 
 
 def test_the_resumed_run_finishes(runs):
-    for name in ("resumed", "reference"):
+    for name in ("resumed", "term_resumed", "reference"):
         assert runs[name].returncode == 0, stderr_tail(runs[name])
 
 
@@ -138,12 +154,66 @@ def test_the_resumed_run_ends_with_the_full_iteration_count(runs):
 
 
 @pytest.mark.parametrize("name", ["learner.weights.h5", "best.weights.h5"])
-def test_the_resumed_run_ends_with_the_uninterrupted_weights(runs, name):
-    resumed = weight_arrays(runs["killed_dir"] / name)
+@pytest.mark.parametrize("run_dir", ["killed_dir", "terminated_dir"])
+def test_the_resumed_run_ends_with_the_uninterrupted_weights(runs, run_dir, name):
+    resumed = weight_arrays(runs[run_dir] / name)
     reference = weight_arrays(runs["reference_dir"] / name)
     assert [n for n, _ in resumed] == [n for n, _ in reference]
     for (variable, a), (_, b) in zip(resumed, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=WEIGHT_ATOL, err_msg=variable)
+
+
+def stopped_lines(text):
+    return [line for line in text.splitlines() if line.startswith("stopped:")]
+
+
+def test_sigterm_stops_the_run_with_one_line_and_the_signal_status(runs):
+    log = runs["term_log"]
+    assert runs["returncode_at_term"] == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log
+    step, _ = runs["term_saves"]
+    save = runs["terminated_dir"] / checkpoints.CHECKPOINT_DIR / "maml" / "latest" / f"ckpt-{step}"
+    assert stopped_lines(log) == [
+        f"stopped: SIGTERM after meta-update {step}: saved in {save}; run the same command again "
+        "to continue"
+    ]
+
+
+def test_sigterm_saves_the_meta_update_it_stopped_at(runs):
+    # The signal is sent once the first periodic save (meta-update 50) exists; the periodic
+    # saves alone would leave the run at 50 until meta-update 100.
+    step, iterations = runs["term_saves"]
+    assert 50 <= step < TRAIN_STEPS
+    assert iterations == step
+
+
+def test_the_run_resumed_after_sigterm_continues_from_its_stop(runs):
+    step, _ = runs["term_saves"]
+    assert f"after {step} meta-updates" in runs["term_resumed"].stderr
+    assert saved_iterations(runs["terminated_dir"]) == TRAIN_STEPS
+
+
+def test_ctrl_c_outside_meta_training_is_one_line_and_the_signal_status(runs):
+    # The signal is raised as the meta-test starts, where Python's own KeyboardInterrupt acts.
+    script = f"""
+import signal, sys
+sys.argv = ["main.py", "--mode=eval", "--model_dir={runs["reference_dir"]}"]
+import main
+from maml_tf import evaluation
+evaluate = evaluation.evaluate
+def interrupted(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    return evaluate(*args, **kwargs)
+evaluation.evaluate = interrupted
+main.run()
+"""
+    result = run_script(script)
+    assert result.returncode == 128 + signal.SIGINT, stderr_tail(result)
+    assert "Traceback" not in result.stderr
+    assert stopped_lines(result.stderr) == [
+        "stopped: Ctrl-C during --mode=eval; nothing was written; run the same command again "
+        "to meta-test"
+    ]
 
 
 def test_a_snapshot_holds_only_the_newest_save(runs):
@@ -317,6 +387,58 @@ def test_the_best_save_carries_its_own_training_time(tmp_path):
     assert best_path.endswith("-2") and latest_path.endswith("-2")
     # At least the 0.3 s slept after the save at step 1, whose time the old code reused.
     assert 0.3 <= best <= latest
+
+
+# ------------------------------------------------------------------ stop signals, in-process
+
+
+def test_a_stop_signal_is_recorded_and_a_second_goes_to_the_handler_from_before():
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with checkpoints.StopRequests() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert (stop.signum, calls) == (signal.SIGTERM, [])
+            signal.raise_signal(signal.SIGTERM)
+            assert calls == [signal.SIGTERM]
+        signal.raise_signal(signal.SIGTERM)
+        assert calls == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_leaving_stop_requests_restores_the_handlers_from_before():
+    before = [signal.getsignal(s) for s in checkpoints.STOP_SIGNALS]
+    with checkpoints.StopRequests():
+        assert [signal.getsignal(s) for s in checkpoints.STOP_SIGNALS] != before
+    assert [signal.getsignal(s) for s in checkpoints.STOP_SIGNALS] == before
+
+
+class SignalAtBatchEnd(keras.callbacks.Callback):
+    def __init__(self, batch, signum):
+        super().__init__()
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            signal.raise_signal(self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_fit_stops_at_the_end_of_the_meta_update_the_signal_came_in(signum):
+    model = small_model()
+    tasks = sinusoid.task_dataset(5, 5, 2, 0, "train", None)
+    with checkpoints.StopRequests() as stop, pytest.raises(checkpoints.StopRequested) as raised:
+        model.fit(
+            tasks,
+            epochs=2,
+            steps_per_epoch=10,
+            callbacks=[SignalAtBatchEnd(2, signum), checkpoints.StopOnSignal(stop)],
+            shuffle=False,
+            verbose=0,
+        )
+    assert (raised.value.signum, raised.value.step) == (signum, 3)
+    assert int(model.optimizer.iterations.numpy()) == 3
 
 
 # ------------------------------------------------------------------------- non-finite losses
