@@ -552,7 +552,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         first_order=config.first_order,
         loss=config.loss,
         task_loop=task_loop,
-        outer_only=learners.normalization_offsets(learner) if config.paper_network else None,
+        outer_only=learners.outer_only(learner, config.paper_network),
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
 

@@ -193,3 +193,12 @@ def normalization_offsets(learner):
         for layer in learner._flatten_layers(include_self=False, recursive=True)
         if isinstance(layer, TaskNormalization) and layer.beta is not None
     ]
+
+
+def outer_only(learner, paper_network):
+    """`MAML(outer_only=...)` for a learner built with or without `paper_network`.
+
+    The paper's code kept its normalisation offsets out of the inner loop; our own network
+    adapts every trainable variable.
+    """
+    return normalization_offsets(learner) if paper_network else None

@@ -98,8 +98,7 @@ def build_model(config, learner, inner_lr=None, inner_steps=None):
         first_order=config.first_order,
         loss="sparse_categorical_crossentropy" if config.classification else "mse",
         task_loop=config.task_loop,
-        # The paper's code kept its normalisation offsets out of the inner loop.
-        outer_only=learners.normalization_offsets(learner) if config.paper_network else None,
+        outer_only=learners.outer_only(learner, config.paper_network),
     )
 
 
