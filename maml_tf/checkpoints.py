@@ -249,11 +249,11 @@ class StopRequests:
     """Catches the first SIGTERM or SIGINT that arrives while it is entered (`with`).
 
     A scheduler's SIGTERM, or Ctrl-C, ends a process wherever it is, losing every meta-update
-    since the last save: up to a whole epoch by default (16 minutes of 20-way Omniglot on two
-    cores). Inside `with StopRequests() as stop:`, the first of these signals only records
+    since the last save: up to a whole epoch by default (16 minutes of 20-way 1-shot Omniglot on
+    two cores). Inside `with StopRequests() as stop:`, the first of these signals only records
     itself in `stop.signum`, for `StopOnSignal` to act on at the end of the meta-update under
-    way. A second signal acts as it would outside: SIGTERM ends the process at once, SIGINT
-    raises `KeyboardInterrupt`; the saves already made are intact either way.
+    way. A second signal, of either kind, acts as it would outside: SIGTERM ends the process at
+    once, SIGINT raises `KeyboardInterrupt`; the saves already made are intact either way.
 
     Python lets only the main thread install handlers; in another thread nothing is caught.
     """
@@ -270,7 +270,9 @@ class StopRequests:
         return self
 
     def _handle(self, signum, frame):
-        signal.signal(signum, self._restorable(signum))
+        # Whichever of the signals comes next then acts at once.
+        for each in self._previous:
+            signal.signal(each, self._restorable(each))
         if self.signum is None:
             self.signum = signum
             logging.warning(

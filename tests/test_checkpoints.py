@@ -407,6 +407,18 @@ def test_a_stop_signal_is_recorded_and_a_second_goes_to_the_handler_from_before(
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_after_a_stop_signal_the_other_kind_also_goes_to_the_handler_from_before():
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with checkpoints.StopRequests() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            assert (stop.signum, calls) == (signal.SIGTERM, [signal.SIGINT])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_leaving_stop_requests_restores_the_handlers_from_before():
     before = [signal.getsignal(s) for s in checkpoints.STOP_SIGNALS]
     with checkpoints.StopRequests():
