@@ -179,7 +179,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
                     )
             except checkpoints.StopRequested as request:
                 saver.save()
-                # Its epoch scalars wait in a buffer that only closing the writers empties.
+                # Closes its writers, as the train end that the raise skipped would have.
                 tensorboard.on_train_end()
                 raise _stopped(request.signum, state) from None
         if stop.signum is not None:

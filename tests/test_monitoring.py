@@ -324,3 +324,42 @@ def test_keras_tensorboard_still_keeps_memory_per_batch(tmp_path):
 def test_the_epoch_tensorboard_callback_refuses_batch_summaries(tmp_path):
     with pytest.raises(ValueError, match="per epoch only"):
         monitoring.EpochTensorBoard(log_dir=str(tmp_path), update_freq=100)
+
+
+class EpochTagsOnDisk(keras.callbacks.Callback):
+    """Records, at each epoch end, the epoch_* tags and steps already in the event files."""
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.log_dir = log_dir
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append(
+            {
+                (run, value.tag, step)
+                for run, step, value in events(self.log_dir)
+                if value.tag.startswith("epoch_")
+            }
+        )
+
+
+def test_an_epochs_scalars_are_on_disk_at_its_end(tmp_path):
+    # A process killed later (SIGKILL, a lost machine) must not take the epoch's curve with it.
+    keras.utils.set_random_seed(0)
+    model = MAML(learners.mlp(hidden=(4,)), inner_lr=0.01)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    tasks = sinusoid.task_dataset(1, 2, 2, 0, "train", None)
+    probe = EpochTagsOnDisk(tmp_path)
+    model.fit(
+        tasks,
+        epochs=2,
+        steps_per_epoch=2,
+        validation_data=sinusoid.task_dataset(1, 2, 2, 0, "val", 2),
+        callbacks=[monitoring.EpochTensorBoard(log_dir=tmp_path, write_graph=False), probe],
+        shuffle=False,
+        verbose=0,
+    )
+    for epoch, seen in enumerate(probe.seen):
+        for run, tag in [("train", "epoch_query_loss"), ("validation", "epoch_query_loss")]:
+            assert (run, tag, epoch) in seen, (epoch, sorted(seen))
