@@ -58,6 +58,10 @@ def main(argv):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:
+        # A file that could not be read or written where no flag names it (a full disk).
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except Stopped as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)

@@ -192,6 +192,17 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             "intact: run again with a smaller --inner_lr or --outer_lr, or with --clip_value or "
             "--clip_norm, adding --allow_changed=<the flags you changed> to resume from it"
         ) from None
+    except checkpoints.SaveError as error:
+        if state.latest_path() is None:
+            again = "nothing was saved yet: make room, then run the same command again"
+        else:
+            again = (
+                f"the last save ({state.latest_description()}) is intact: make room, then run "
+                "the same command again to continue from it"
+            )
+        raise checkpoints.SaveError(
+            f"{error}; training stopped at meta-update {state.step}, {again}"
+        ) from None
     return state
 
 
@@ -384,6 +395,14 @@ def _check_same_run(config):
         )
 
 
+def make_dir(path, flag):
+    """Creates the directory `path` and its parents; a `UserError` naming `--flag` if it cannot."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--{flag}={path}: cannot create it ({error.strerror})") from None
+
+
 def set_threads(inter_op_threads=0, intra_op_threads=0):
     """Sizes TensorFlow's thread pools (0 keeps its default); before the process's first op.
 
@@ -448,7 +467,7 @@ def train(config):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     datasets = build_datasets(config)
-    os.makedirs(config.model_dir, exist_ok=True)
+    make_dir(config.model_dir, "model_dir")
     config.save(config.config_path)
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, build_learner(config))
@@ -533,7 +552,7 @@ def evaluate(config):
         if baseline_inner_lr:
             baseline = build_model(saved, build_learner(saved), baseline_inner_lr)
             baseline.learner.load_weights(baseline_path)
-    os.makedirs(saved.model_dir, exist_ok=True)
+    make_dir(saved.model_dir, "model_dir")
     return _finish(
         saved, model, datasets, None, baseline, baseline_inner_lr, EVAL_RESULTS, weights_dir
     )

@@ -519,7 +519,7 @@ def _check_same_search(config, space):
         )
     if not started:
         # No trial has started yet: whatever was tried before is replaced.
-        os.makedirs(space.directory, exist_ok=True)
+        training.make_dir(space.directory, "tune_dir")
         with open(path, "w") as f:
             json.dump(search, f, indent=2, sort_keys=True)
         return

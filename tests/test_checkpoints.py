@@ -1,6 +1,7 @@
 """Training state that survives SIGKILL and SIGTERM: resuming gives the uninterrupted run."""
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import tensorflow as tf
 from cli import ROOT, run_main, run_script, stderr_tail
 from tfevents import events
 
-from maml_tf import checkpoints, learners
+from maml_tf import checkpoints, learners, training
+from maml_tf.config import Config
 from maml_tf.data import sinusoid
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
@@ -387,6 +389,63 @@ def test_the_best_save_carries_its_own_training_time(tmp_path):
     assert best_path.endswith("-2") and latest_path.endswith("-2")
     # At least the 0.3 s slept after the save at step 1, whose time the old code reused.
     assert 0.3 <= best <= latest
+
+
+# ------------------------------------------------------------------ saves that cannot be made
+
+
+def test_a_save_without_room_on_its_disk_is_refused_before_writing(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path / "maml", model)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(checkpoints.SaveError, match="MB free, a save needs about"):
+        checkpoints.check_room(tmp_path / "maml", free)
+    save_at(state, model, 10, 1.0)
+    original = checkpoints.SAVE_MARGIN_BYTES
+    checkpoints.SAVE_MARGIN_BYTES = free + 1
+    try:
+        with pytest.raises(checkpoints.SaveError, match=str(tmp_path / "maml" / "latest")):
+            save_at(state, model, 20, 2.0)
+    finally:
+        checkpoints.SAVE_MARGIN_BYTES = original
+    assert checkpoints.TrainingState(tmp_path / "maml", small_model()).restore() == 10
+
+
+def test_a_save_through_a_file_is_one_save_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    model = small_model()
+    with pytest.raises(checkpoints.SaveError, match="cannot write it"):
+        checkpoints.TrainingState(tmp_path / "file" / "maml", model).save()
+    with pytest.raises(checkpoints.SaveError, match="cannot write it"):
+        checkpoints.atomic_save_weights(model.learner, str(tmp_path / "file" / "w.weights.h5"))
+
+
+def test_training_on_a_full_disk_stops_naming_the_last_save(tmp_path):
+    config = Config(
+        model_dir=str(tmp_path / "run"),
+        train_steps=20,
+        steps_per_epoch=10,
+        checkpoint_every=5,
+        val_tasks=2,
+        test_tasks=2,
+        baseline=False,
+        verbose=0,
+    )
+    original = checkpoints.SAVE_MARGIN_BYTES
+    try:
+        training.train(dataclasses.replace(config, train_steps=10))
+        # As if the disk had filled since: every later save finds no room.
+        checkpoints.SAVE_MARGIN_BYTES = shutil.disk_usage(tmp_path).free + 1
+        with pytest.raises(checkpoints.SaveError) as raised:
+            training.train(config)
+    finally:
+        checkpoints.SAVE_MARGIN_BYTES = original
+    latest = tmp_path / "run" / checkpoints.CHECKPOINT_DIR / "maml" / "latest"
+    assert str(raised.value).endswith(
+        f"training stopped at meta-update 15, the last save (meta-update 10, {latest}/ckpt-10) "
+        "is intact: make room, then run the same command again to continue from it"
+    )
+    assert latest_step(tmp_path / "run") == 10
 
 
 # ------------------------------------------------------------------ stop signals, in-process

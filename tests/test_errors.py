@@ -82,6 +82,14 @@ def test_more_shots_and_queries_than_examples_names_the_flags(folder_data, tmp_p
     assert_one_error_naming(result, "--k_shot=2", "--n_query=3")
 
 
+def test_a_model_dir_that_cannot_be_created_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_main(
+        "--train_steps=10", "--steps_per_epoch=10", f"--model_dir={tmp_path}/file/run"
+    )
+    assert_one_error_naming(result, f"--model_dir={tmp_path}/file/run", "cannot create it")
+
+
 def test_a_missing_data_dir_flag_is_named(tmp_path):
     result = run_main(*TINY_FOLDER_RUN, f"--model_dir={tmp_path}/run")
     assert_one_error_naming(result, "--data_dir")
