@@ -192,7 +192,8 @@ def export_model(model, export_dir, input_shape=None, overwrite=False):
       `Export`.
 
     Raises:
-      UserError: `export_dir` exists and `overwrite` is False, or it is a file.
+      UserError: `export_dir` exists and `overwrite` is False, or it is a file; the export
+        cannot be written (a full disk): nothing is left of it, a previous export stays.
       ValueError: no `input_shape` given and the learner has none; a classifier whose outputs
         are not logits [n, n_way].
     """
@@ -235,6 +236,10 @@ def export_model(model, export_dir, input_shape=None, overwrite=False):
         with open(os.path.join(staging, METADATA), "w") as f:
             json.dump(metadata, f, indent=2)
         _move_into_place(staging, export_dir, parent)
+    except (OSError, tf.errors.OpError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or str(error).strip().split("; ")[-1]
+        raise UserError(f"{export_dir}: cannot write the export ({reason})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
