@@ -1,6 +1,7 @@
 """Training state that survives SIGKILL and SIGTERM: resuming gives the uninterrupted run."""
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -394,20 +395,17 @@ def test_the_best_save_carries_its_own_training_time(tmp_path):
 # ------------------------------------------------------------------ saves that cannot be made
 
 
-def test_a_save_without_room_on_its_disk_is_refused_before_writing(tmp_path):
+def test_a_save_without_room_on_its_disk_is_refused_before_writing(tmp_path, monkeypatch):
     model = small_model()
     state = checkpoints.TrainingState(tmp_path / "maml", model)
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(checkpoints.SaveError, match="MB free, a save needs about"):
         checkpoints.check_room(tmp_path / "maml", free)
     save_at(state, model, 10, 1.0)
-    original = checkpoints.SAVE_MARGIN_BYTES
-    checkpoints.SAVE_MARGIN_BYTES = free + 1
-    try:
-        with pytest.raises(checkpoints.SaveError, match=str(tmp_path / "maml" / "latest")):
-            save_at(state, model, 20, 2.0)
-    finally:
-        checkpoints.SAVE_MARGIN_BYTES = original
+    monkeypatch.setattr(checkpoints, "SAVE_MARGIN_BYTES", free + 1)
+    with pytest.raises(checkpoints.SaveError, match=str(tmp_path / "maml" / "latest")):
+        save_at(state, model, 20, 2.0)
+    monkeypatch.undo()
     assert checkpoints.TrainingState(tmp_path / "maml", small_model()).restore() == 10
 
 
@@ -420,7 +418,7 @@ def test_a_save_through_a_file_is_one_save_error(tmp_path):
         checkpoints.atomic_save_weights(model.learner, str(tmp_path / "file" / "w.weights.h5"))
 
 
-def test_training_on_a_full_disk_stops_naming_the_last_save(tmp_path):
+def test_training_on_a_full_disk_stops_naming_the_last_save(tmp_path, monkeypatch):
     config = Config(
         model_dir=str(tmp_path / "run"),
         train_steps=20,
@@ -431,15 +429,11 @@ def test_training_on_a_full_disk_stops_naming_the_last_save(tmp_path):
         baseline=False,
         verbose=0,
     )
-    original = checkpoints.SAVE_MARGIN_BYTES
-    try:
-        training.train(dataclasses.replace(config, train_steps=10))
-        # As if the disk had filled since: every later save finds no room.
-        checkpoints.SAVE_MARGIN_BYTES = shutil.disk_usage(tmp_path).free + 1
-        with pytest.raises(checkpoints.SaveError) as raised:
-            training.train(config)
-    finally:
-        checkpoints.SAVE_MARGIN_BYTES = original
+    training.train(dataclasses.replace(config, train_steps=10))
+    # As if the disk had filled since: every later save finds no room.
+    monkeypatch.setattr(checkpoints, "SAVE_MARGIN_BYTES", shutil.disk_usage(tmp_path).free + 1)
+    with pytest.raises(checkpoints.SaveError) as raised:
+        training.train(config)
     latest = tmp_path / "run" / checkpoints.CHECKPOINT_DIR / "maml" / "latest"
     assert str(raised.value).endswith(
         f"training stopped at meta-update 15, the last save (meta-update 10, {latest}/ckpt-10) "
@@ -451,10 +445,19 @@ def test_training_on_a_full_disk_stops_naming_the_last_save(tmp_path):
 # ------------------------------------------------------------------ stop signals, in-process
 
 
-def test_a_stop_signal_is_recorded_and_a_second_goes_to_the_handler_from_before():
+@contextlib.contextmanager
+def recorded(signum):
+    """Installs a handler that records `signum` in the yielded list; restores the old one."""
     calls = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    previous = signal.signal(signum, lambda number, frame: calls.append(number))
     try:
+        yield calls
+    finally:
+        signal.signal(signum, previous)
+
+
+def test_a_stop_signal_is_recorded_and_a_second_goes_to_the_handler_from_before():
+    with recorded(signal.SIGTERM) as calls:
         with checkpoints.StopRequests() as stop:
             signal.raise_signal(signal.SIGTERM)
             assert (stop.signum, calls) == (signal.SIGTERM, [])
@@ -462,20 +465,13 @@ def test_a_stop_signal_is_recorded_and_a_second_goes_to_the_handler_from_before(
             assert calls == [signal.SIGTERM]
         signal.raise_signal(signal.SIGTERM)
         assert calls == [signal.SIGTERM, signal.SIGTERM]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def test_after_a_stop_signal_the_other_kind_also_goes_to_the_handler_from_before():
-    calls = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
-    try:
-        with checkpoints.StopRequests() as stop:
-            signal.raise_signal(signal.SIGTERM)
-            signal.raise_signal(signal.SIGINT)
-            assert (stop.signum, calls) == (signal.SIGTERM, [signal.SIGINT])
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with recorded(signal.SIGINT) as calls, checkpoints.StopRequests() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        assert (stop.signum, calls) == (signal.SIGTERM, [signal.SIGINT])
 
 
 def test_leaving_stop_requests_restores_the_handlers_from_before():
