@@ -140,6 +140,13 @@ class TrainingState:
           UserError: there are saves, but none can be read.
         """
         saves = list(reversed(self._latest.checkpoints))
+        # Keras keeps a constant β as an optimizer variable, so a save would bring back the β
+        # it was made with: a run continued with another --outer_lr (--allow_changed) would
+        # silently keep the old one. β is the run's setting, not its state.
+        learning_rate = self.model.optimizer.learning_rate
+        if not isinstance(learning_rate, keras.Variable):
+            learning_rate = None  # a schedule, a function of the restored iteration count
+        given = None if learning_rate is None else float(learning_rate.numpy())
         for path in saves:
             try:
                 self._checkpoint.restore(path).assert_existing_objects_matched()
@@ -147,6 +154,13 @@ class TrainingState:
                 logging.warning("cannot read checkpoint %s (%s); trying an older one", path, error)
                 continue
             logging.info("resumed from %s after %d meta-updates", path, self.step)
+            if learning_rate is not None:
+                saved = float(learning_rate.numpy())
+                if saved != given:
+                    logging.info(
+                        "outer_lr (β) is now %g; the save was trained with %g", given, saved
+                    )
+                learning_rate.assign(given)
             return self.step
         if saves:
             raise UserError(

@@ -284,10 +284,10 @@ def test_a_changed_hyperparameter_is_refused_naming_the_flag(runs):
 # ------------------------------------------------------------------- TrainingState, in-process
 
 
-def small_model():
+def small_model(outer_lr=1e-3):
     keras.utils.set_random_seed(0)
     model = MAML(learners.mlp(), inner_lr=0.01, inner_steps=1)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=keras.optimizers.Adam(outer_lr))
     return model
 
 
@@ -331,6 +331,36 @@ def test_no_readable_save_is_an_error_not_a_fresh_start(tmp_path):
 
 def test_no_save_means_a_fresh_start(tmp_path):
     assert checkpoints.TrainingState(tmp_path, small_model()).restore() == 0
+
+
+def test_restore_keeps_the_outer_lr_the_model_was_compiled_with(tmp_path):
+    model = small_model(outer_lr=1e-3)
+    save_at(checkpoints.TrainingState(tmp_path, model), model, 10, 1.0)
+    restored = small_model(outer_lr=1e-4)
+    assert checkpoints.TrainingState(tmp_path, restored).restore() == 10
+    assert float(restored.optimizer.learning_rate) == pytest.approx(1e-4)
+    assert float(restored.learner.trainable_variables[0][0, 0]) == 1.0
+
+
+def test_a_run_continued_with_another_outer_lr_trains_with_it(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["reference_dir"], run_dir)
+    more = run_main(
+        *RUN_FLAGS,
+        f"--train_steps={TRAIN_STEPS + 200}",
+        "--outer_lr=1e-4",
+        "--allow_changed=outer_lr",
+        f"--model_dir={run_dir}",
+    )
+    assert more.returncode == 0, stderr_tail(more)
+    rates = {
+        step: float(tf.make_ndarray(value.tensor))
+        for run, step, value in events(run_dir / "logs")
+        if run == "train" and value.tag == "epoch_learning_rate"
+    }
+    assert sorted(rates) == [0, 1, 2, 3]
+    assert [rates[epoch] for epoch in (0, 1, 2)] == pytest.approx([1e-3] * 3)
+    assert rates[3] == pytest.approx(1e-4)
 
 
 def test_keeps_only_the_last_saves(tmp_path):
