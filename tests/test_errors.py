@@ -4,10 +4,11 @@ One test per case a user can meet; each runs `python main.py` as the user would.
 found by absl's validators come before TensorFlow loads; data and model errors after.
 """
 
+import os
 import shutil
 
 import pytest
-from cli import run_main, stderr_tail
+from cli import ROOT, run_main, run_script, stderr_tail
 from folder_fixture import TINY_FOLDER_RUN, write_folder_dataset
 
 
@@ -88,6 +89,36 @@ def test_a_model_dir_that_cannot_be_created_is_named(tmp_path):
         "--train_steps=10", "--steps_per_epoch=10", f"--model_dir={tmp_path}/file/run"
     )
     assert_one_error_naming(result, f"--model_dir={tmp_path}/file/run", "cannot create it")
+
+
+# main.py where every file write past `limit` bytes fails (EFBIG), as writes fail on a full disk
+# (ENOSPC): a real write error from the kernel, without the mount a full disk would need.
+LIMITED_MAIN = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+sys.path.insert(0, {root!r})
+sys.argv = ["main.py", *{args!r}]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_keeps_the_old_export(tmp_path):
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "saved_model.pb").write_text("the previous export")
+    # The shipped 5-way model's variables (about 450 KB) pass the limit; its config does not.
+    args = [
+        "--mode=export",
+        f"--init_from={os.path.join(ROOT, 'pretrained', 'omniglot_5w1s')}",
+        f"--export_dir={export_dir}",
+        "--overwrite",
+    ]
+    result = run_script(LIMITED_MAIN.format(limit=100_000, root=ROOT, args=args))
+    assert_one_error_naming(result, f"{export_dir}: cannot write the export", "File too large")
+    assert result.returncode == 1
+    assert (export_dir / "saved_model.pb").read_text() == "the previous export"
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no staging directory left behind
 
 
 def test_a_missing_data_dir_flag_is_named(tmp_path):
