@@ -143,10 +143,9 @@ class TrainingState:
         # Keras keeps a constant β as an optimizer variable, so a save would bring back the β
         # it was made with: a run continued with another --outer_lr (--allow_changed) would
         # silently keep the old one. β is the run's setting, not its state.
+        # A schedule is not a variable: it follows the restored iteration count by itself.
         learning_rate = self.model.optimizer.learning_rate
-        if not isinstance(learning_rate, keras.Variable):
-            learning_rate = None  # a schedule, a function of the restored iteration count
-        given = None if learning_rate is None else float(learning_rate.numpy())
+        given = float(learning_rate) if isinstance(learning_rate, keras.Variable) else None
         for path in saves:
             try:
                 self._checkpoint.restore(path).assert_existing_objects_matched()
@@ -154,12 +153,12 @@ class TrainingState:
                 logging.warning("cannot read checkpoint %s (%s); trying an older one", path, error)
                 continue
             logging.info("resumed from %s after %d meta-updates", path, self.step)
-            if learning_rate is not None:
-                saved = float(learning_rate.numpy())
-                if saved != given:
-                    logging.info(
-                        "outer_lr (β) is now %g; the save was trained with %g", given, saved
-                    )
+            if given is not None and float(learning_rate) != given:
+                logging.info(
+                    "outer_lr (β) is now %g; the save was trained with %g",
+                    given,
+                    float(learning_rate),
+                )
                 learning_rate.assign(given)
             return self.step
         if saves:
