@@ -34,7 +34,9 @@ task's whole query set in one request, and leave TensorFlow Serving's request ba
 """
 
 import collections
+import contextlib
 import json
+import logging as std_logging
 import os
 import shutil
 import tempfile
@@ -144,6 +146,24 @@ def _archive(model, input_shape, target_shape, n_way):
     return archive
 
 
+@contextlib.contextmanager
+def _keeping_absl_logger_level():
+    """Puts back the `absl` logger's own level, which `tf.saved_model.save` pins.
+
+    TensorFlow 2.21's `AutoTrackable._trackable_children` silences absl while it saves and then
+    sets the level it read back: the effective level, inherited from the root logger until then,
+    becomes the absl logger's own. A process that later lowers the root logger's level (a
+    notebook's `logging.basicConfig(level=logging.INFO)`, pytest's `caplog`) would no longer see
+    the library's INFO lines.
+    """
+    logger = std_logging.getLogger("absl")
+    level = logger.level
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _check_destination(export_dir, overwrite):
     if os.path.exists(export_dir) and not overwrite:
         raise UserError(
@@ -217,7 +237,8 @@ def export_model(model, export_dir, input_shape=None, overwrite=False):
     staging = os.path.join(parent, f".{os.path.basename(export_dir)}.tmp-{uuid.uuid4().hex}")
     os.mkdir(staging)
     try:
-        archive.write_out(staging, verbose=False)
+        with _keeping_absl_logger_level():
+            archive.write_out(staging, verbose=False)
         metadata = {
             "algorithm": "MAML (Finn, Abbeel and Levine, 2017)",
             "task": "classification" if model.classification else "regression",

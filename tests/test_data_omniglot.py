@@ -61,8 +61,9 @@ def test_arrays_have_the_documented_shape_dtype_and_names(data):
 
 
 def test_counts_are_logged_per_part(data_dir, caplog):
-    # On the absl logger itself, so the level of that logger cannot hide the records. A
-    # fresh-clone CI run with two workers once captured none here; the cause is not known.
+    # On the absl logger itself, so the level of that logger cannot hide the records: an
+    # in-process tf.saved_model.save earlier in the same worker (outside maml_tf.export, which
+    # puts it back) pins it at WARNING, and a fresh-clone CI run once captured nothing here.
     with caplog.at_level(logging.INFO, logger="absl"):
         load(data_dir)
     assert "background: 6 characters, 120 images" in caplog.text

@@ -1,6 +1,7 @@
 """The SavedModel export: both signatures, reloaded where only TensorFlow is imported."""
 
 import json
+import logging as std_logging
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import logging as absl_logging
 from cli import ROOT, stderr_tail
 
 from maml_tf import MAML, export, learners
@@ -281,6 +283,22 @@ def test_existing_export_dir_is_refused_unless_overwrite(tmp_path):
     export.export_model(model, target, overwrite=True)
     assert (target / "saved_model.pb").exists() and not (target / "keep.txt").exists()
     assert os.listdir(tmp_path) == ["export"]
+
+
+def test_export_leaves_the_absl_logger_level_as_it_was(tmp_path, caplog):
+    # tf.saved_model.save alone pins the absl logger at the level it inherited (WARNING here),
+    # after which lowering the root logger's level no longer shows the library's INFO lines.
+    absl_logger = std_logging.getLogger("absl")
+    before = absl_logger.level
+    absl_logger.setLevel(std_logging.NOTSET)
+    try:
+        export.export_model(regressor(), tmp_path / "export")
+        assert absl_logger.level == std_logging.NOTSET
+        with caplog.at_level(std_logging.INFO):
+            absl_logging.info("after the export")
+        assert "after the export" in caplog.text
+    finally:
+        absl_logger.setLevel(before)
 
 
 def test_a_failed_export_leaves_the_previous_one_alone(tmp_path, monkeypatch):
