@@ -159,6 +159,15 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
     segments = []
     if into_epoch:
         segments.append((epoch, steps_per_epoch - into_epoch))
+        # Keras shows that short fit as "Epoch e/e", which reads as if training ended there.
+        logging.info(
+            "meta-update %d is part-way through epoch %d of %d: its last %d meta-updates run "
+            "first, then the remaining epochs",
+            done,
+            epoch + 1,
+            config.train_steps // steps_per_epoch,
+            steps_per_epoch - into_epoch,
+        )
         epoch += 1
     if epoch < config.train_steps // steps_per_epoch:
         segments.append((epoch, steps_per_epoch))

@@ -26,9 +26,10 @@ from maml_tf.errors import UserError
 from maml_tf.maml import MAML
 
 TRAIN_STEPS = 600
+STEPS_PER_EPOCH = 200
 RUN_FLAGS = (
     f"--train_steps={TRAIN_STEPS}",
-    "--steps_per_epoch=200",
+    f"--steps_per_epoch={STEPS_PER_EPOCH}",
     "--checkpoint_every=50",
     "--val_tasks=10",
     "--test_tasks=20",
@@ -194,6 +195,17 @@ def test_the_run_resumed_after_sigterm_continues_from_its_stop(runs):
     step, _ = runs["term_saves"]
     assert f"after {step} meta-updates" in runs["term_resumed"].stderr
     assert saved_iterations(runs["terminated_dir"]) == TRAIN_STEPS
+
+
+def test_a_run_resumed_mid_epoch_says_which_epoch_it_finishes(runs):
+    # Keras prints the short fit that finishes the epoch as "Epoch 1/1" (of 3).
+    step, _ = runs["term_saves"]
+    epochs = TRAIN_STEPS // STEPS_PER_EPOCH
+    assert step % STEPS_PER_EPOCH, "the stop fell on an epoch's end: nothing to finish"
+    assert (
+        f"meta-update {step} is part-way through epoch {step // STEPS_PER_EPOCH + 1} of "
+        f"{epochs}: its last {STEPS_PER_EPOCH - step % STEPS_PER_EPOCH} meta-updates run first"
+    ) in runs["term_resumed"].stderr
 
 
 def test_ctrl_c_outside_meta_training_is_one_line_and_the_signal_status(runs):
