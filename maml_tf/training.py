@@ -155,6 +155,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
     ]
     # Keras epochs cannot start part-way, so a run killed mid-epoch first finishes that epoch
     # with a shorter `fit`, then runs the remaining whole epochs.
+    epochs = config.train_steps // steps_per_epoch
     epoch, into_epoch = divmod(done, steps_per_epoch)
     segments = []
     if into_epoch:
@@ -165,11 +166,11 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             "first, then the remaining epochs",
             done,
             epoch + 1,
-            config.train_steps // steps_per_epoch,
+            epochs,
             steps_per_epoch - into_epoch,
         )
         epoch += 1
-    if epoch < config.train_steps // steps_per_epoch:
+    if epoch < epochs:
         segments.append((epoch, steps_per_epoch))
     try:
         with stop:
@@ -179,7 +180,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
                     model.fit(
                         datasets.train_from(state.step),
                         initial_epoch=first_epoch,
-                        epochs=last_epoch or config.train_steps // steps_per_epoch,
+                        epochs=last_epoch or epochs,
                         steps_per_epoch=steps,
                         validation_data=datasets.val,
                         callbacks=callbacks,
