@@ -160,7 +160,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
     segments = []
     if into_epoch:
         segments.append((epoch, steps_per_epoch - into_epoch))
-        # Keras shows that short fit as "Epoch e/e", which reads as if training ended there.
+        # Its progress line shows only the number of meta-updates left, not how many are done.
         logging.info(
             "meta-update %d is part-way through epoch %d of %d: its last %d meta-updates run "
             "first, then the remaining epochs",
@@ -176,14 +176,16 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         with stop:
             try:
                 for first_epoch, steps in segments:
-                    last_epoch = first_epoch + 1 if steps < steps_per_epoch else None
+                    # The short fit is given the run's epoch count, so that Keras shows
+                    # "Epoch 18/60" rather than "Epoch 18/18", and stops itself after one epoch.
+                    short = [_StopAfterEpoch()] if steps < steps_per_epoch else []
                     model.fit(
                         datasets.train_from(state.step),
                         initial_epoch=first_epoch,
-                        epochs=last_epoch or epochs,
+                        epochs=epochs,
                         steps_per_epoch=steps,
                         validation_data=datasets.val,
-                        callbacks=callbacks,
+                        callbacks=callbacks + short,
                         shuffle=False,
                         verbose=config.verbose,
                     )
@@ -214,6 +216,13 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
             f"{error}; training stopped at meta-update {state.step}, {again}"
         ) from None
     return state
+
+
+class _StopAfterEpoch(keras.callbacks.Callback):
+    """Ends a `fit` after its first epoch, validation and epoch-end callbacks included."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
 
 
 def _stopped(signum, state):
