@@ -16,6 +16,7 @@ from maml_tf.config import (
     OMNIGLOT_SPLITS,
     RANGES,
     RESAMPLES,
+    ROTATIONS,
     TASK_LOOPS,
     TUNERS,
     TUNING_FIELDS,
@@ -27,6 +28,7 @@ _CONFIG_FLAGS = (
     "dataset",
     "data_dir",
     "split",
+    "rotation",
     "image_size",
     "resample",
     "cache_dir",
@@ -141,10 +143,21 @@ def define_flags(flag_values=flags.FLAGS):
         "split",
         "maml",
         "Omniglot class split: maml (all 1623 characters shuffled with a fixed seed, "
-        "1100/100/423 for meta-train/validation/test, rotations by 0/90/180/270 degrees as new "
-        "classes) or lake (background alphabets for training, 5 of them held out for "
+        "1100/100/423 for meta-train/validation/test, rotated by 0/90/180/270 degrees, see "
+        "--rotation) or lake (background alphabets for training, 5 of them held out for "
         "validation; the 20 evaluation alphabets for test; no rotations).",
         enum_values=list(OMNIGLOT_SPLITS),
+    )
+    define(
+        "enum",
+        "rotation",
+        None,
+        "How the maml split's rotations augment Omniglot: episode (the paper's code and "
+        "learn2learn: each class of an episode is turned by a random multiple of 90 degrees; "
+        "classes are the characters) or classes (every rotated character is a class of its "
+        "own, 4x the classes; an episode may hold two rotations of one character). Default: "
+        "episode for a new run; meta-testing a saved model keeps its own unless this is set.",
+        enum_values=list(ROTATIONS),
     )
     define(
         "integer",

@@ -33,6 +33,8 @@ RANGES = {
 OMNIGLOT_SPLITS = ("maml", "lake")
 # How Omniglot's 105x105 PNGs become 28x28 (`maml_tf.data.omniglot`).
 RESAMPLES = ("lanczos", "nearest")
+# How Omniglot's rotations augment it (`maml_tf.data.omniglot.omniglot_splits`).
+ROTATIONS = ("episode", "classes")
 CHECKPOINTS = ("best", "final")
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
 TASK_LOOPS = ("auto", "batched", "map", "unroll")
@@ -46,8 +48,13 @@ class Config:
       dataset: "sinusoid", "omniglot" or "folder".
       data_dir: where the data set's files are (not used by sinusoid). Omniglot without one
         comes from TFDS (which downloads it).
-      split: Omniglot's class split, "maml" (1100/100/423 characters, rotations as new
-        classes) or "lake" (background / evaluation alphabets).
+      split: Omniglot's class split, "maml" (1100/100/423 characters, with rotations) or
+        "lake" (background / evaluation alphabets, no rotations).
+      rotation: how Omniglot's rotations by 0/90/180/270 degrees augment the classes (None:
+        "episode"): "episode", as the paper's code, turns each class of an episode by a random
+        multiple of 90 degrees (classes are characters, never two rotations of one in an
+        episode); "classes", as Santoro et al. (2016), makes every rotated character a class of
+        its own. Configs saved before the field existed read as "classes", what they used.
       image_size: side of the square images (omniglot 28; folder e.g. 84 for miniImageNet).
       resample: Omniglot's resize filter: "lanczos" (grey levels) or "nearest" (binary images,
         as the paper's code made them).
@@ -113,6 +120,7 @@ class Config:
     dataset: str = "sinusoid"
     data_dir: str | None = None
     split: str = "maml"
+    rotation: str | None = None
     image_size: int | None = None
     resample: str = "lanczos"
     cache_dir: str | None = None
@@ -191,6 +199,9 @@ class Config:
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
+        if values.get("dataset") == "omniglot":
+            # Omniglot runs saved before `rotation` existed made rotations new classes.
+            values.setdefault("rotation", "classes")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
@@ -252,6 +263,7 @@ def _omniglot_defaults(config):
         "conv_variant": "strided",
         "filters": 64,
         "image_size": 28,
+        "rotation": "episode",
         "task_loop": "auto",
     }
 

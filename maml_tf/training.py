@@ -527,6 +527,7 @@ def train(config):
 # (meta-testing with another shot count than training is a common protocol).
 EVAL_OVERRIDES = (
     "data_dir",
+    "rotation",
     "cache_dir",
     "test_tasks",
     "eval_seed",

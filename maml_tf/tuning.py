@@ -59,6 +59,7 @@ FLAGFILE_FIELDS = (
     "dataset",
     "data_dir",
     "split",
+    "rotation",
     "image_size",
     "cache_dir",
     "n_way",
@@ -76,7 +77,7 @@ FLAGFILE_FIELDS = (
     "eval_seed",
 )
 # Of those, the ones that mean something only for Omniglot.
-OMNIGLOT_FIELDS = ("split", "resample")
+OMNIGLOT_FIELDS = ("split", "rotation", "resample")
 # Config fields that may differ when a search is continued: where files are, output, the
 # (equivalent) task loop, what only plain training and meta-testing use, and the fields that
 # the resolved search space already holds (and the Config fields that make the space).

@@ -222,3 +222,91 @@ def test_a_stream_started_at_a_later_episode_continues_the_full_one():
     for a, b in zip(full.take(2), resumed.take(2), strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+QUARTER_TURNS = (0, 90, 180, 270)
+
+
+def turns_and_provenance(x):
+    """(quarter turns, class, example) of `labelled_images` images after `rot90`, as int [n, 3].
+
+    The 255 marker sits at (1, 1) of an unturned image; where it lies tells the turn, and
+    turning back recovers the provenance pixels.
+    """
+    pixels = np.round(np.asarray(x) * 255).astype(int)[..., 0]
+    rows = []
+    for image in pixels:
+        turns = [k for k in range(4) if np.rot90(image, -k)[1, 1] == 255]
+        assert len(turns) == 1
+        upright = np.rot90(image, -turns[0])
+        rows.append((turns[0], upright[0, 0], upright[0, 1]))
+    return np.array(rows)
+
+
+def rotated_episode(seed, rotations=QUARTER_TURNS, **kwargs):
+    images = tf.constant(labelled_images())
+    result = episodes.sample_episode(
+        images, tf.constant(seed, tf.int64), N_WAY, K_SHOT, N_QUERY, rotations=rotations, **kwargs
+    )
+    return {key: value.numpy() for key, value in result.items()}
+
+
+def test_rotations_turn_every_image_of_a_class_alike():
+    for i in range(20):
+        result = rotated_episode([i, 4])
+        support = turns_and_provenance(result["support_x"])
+        query = turns_and_provenance(result["query_x"])
+        for label in range(N_WAY):
+            turns = np.concatenate(
+                [support[result["support_y"] == label, 0], query[result["query_y"] == label, 0]]
+            )
+            assert len(set(turns)) == 1
+
+
+def test_rotations_draw_the_same_classes_and_examples_as_no_rotations():
+    for i in range(10):
+        turned, upright = rotated_episode([i, 5]), episode([i, 5])
+        for key in ("support", "query"):
+            np.testing.assert_array_equal(
+                turns_and_provenance(turned[f"{key}_x"])[:, 1:], provenance(upright[f"{key}_x"])
+            )
+            np.testing.assert_array_equal(turned[f"{key}_y"], upright[f"{key}_y"])
+
+
+def test_rotations_are_drawn_uniformly_and_independently_per_class():
+    per_class = np.array(
+        [
+            turns_and_provenance(rotated_episode([i, 6])["support_x"])[::K_SHOT, 0]
+            for i in range(200)
+        ]
+    )
+    counts = np.bincount(per_class.ravel(), minlength=4)
+    # 1000 draws: each turn's count is 250 ± 14 (one standard deviation); 5 sigma either side.
+    assert (np.abs(counts - 250) < 70).all(), counts
+    # Independent per class: classes of one episode often differ in their turn.
+    assert np.mean([len(set(row)) > 1 for row in per_class]) > 0.9
+
+
+def test_a_single_rotation_turns_every_class_by_it():
+    result = rotated_episode([1, 7], rotations=(180,))
+    assert set(turns_and_provenance(result["support_x"])[:, 0]) == {2}
+    assert set(turns_and_provenance(result["query_x"])[:, 0]) == {2}
+
+
+def test_episode_rotations_follow_the_split_into_the_dataset():
+    dataset = episodes.episode_dataset(
+        labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, 0, rotations=QUARTER_TURNS
+    )
+    support = unbatched(as_numpy(dataset.take(5)))["support_x"]
+    turns = turns_and_provenance(support.reshape(-1, 2, 2, 1))[:, 0]
+    assert set(turns) == {0, 1, 2, 3}
+
+
+def test_rotations_that_are_not_distinct_quarter_turns_are_refused():
+    for rotations in [(), (45,), (0, 360)]:
+        with pytest.raises(ValueError, match="distinct multiples of 90 degrees"):
+            episodes.episode_dataset(
+                labelled_images(), N_WAY, K_SHOT, N_QUERY, 4, 0, rotations=rotations
+            )
+    with pytest.raises(ValueError, match="need square images"):
+        episodes.make_split(np.zeros([3, 4, 2, 3, 1], np.uint8), "abc", episode_rotations=(0, 90))

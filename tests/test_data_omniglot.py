@@ -217,15 +217,31 @@ def test_nothing_is_written_to_the_data_dir(data_dir, tmp_path):
     assert sorted(data_dir.rglob("*")) == before
 
 
-def test_maml_split_sizes_with_rotations(data):
-    splits = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2)
+def test_maml_split_sizes_with_rotations_as_classes(data):
+    splits = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2, rotation="classes")
     assert [len(split.names) for split in splits] == [24, 8, 16]
     assert [split.images.shape[0] for split in splits] == [24, 8, 16]
     assert all((split.counts == 20).all() for split in splits)
+    assert all(split.episode_rotations == (0,) for split in splits)
+
+
+def test_maml_split_with_rotations_per_episode_keeps_the_characters_upright(data):
+    turned = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2)
+    upright = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2, rotations=[0])
+    assert [split.images.shape[0] for split in turned] == [6, 2, 4]
+    for with_rotations, without in zip(turned, upright, strict=True):
+        assert with_rotations.names == without.names
+        np.testing.assert_array_equal(with_rotations.images, without.images)
+        assert with_rotations.episode_rotations == (0, 90, 180, 270)
+
+
+def test_an_unknown_rotation_is_refused(data):
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2, rotation="both")
 
 
 def test_maml_rotated_class_is_rot90_of_its_source(data):
-    train = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2).train
+    train = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2, rotation="classes").train
     source = train.images[1]
     rotated = train.names.index(train.names[1] + "/rot270")
     np.testing.assert_array_equal(train.images[rotated], np.rot90(source, 3, axes=(1, 2)))
@@ -245,21 +261,30 @@ def test_maml_split_is_a_seeded_permutation_of_all_characters(data):
 def test_lake_split_tests_on_evaluation_and_validates_on_whole_alphabets(data):
     splits = omniglot.omniglot_splits(data, "lake", val_alphabets=1)
     np.testing.assert_array_equal(splits.test.images, data.evaluation.images)
+    assert all(split.episode_rotations == (0,) for split in splits)
     alphabet = {name.split("/")[0] for name in splits.val.names}
     assert len(alphabet) == 1
     assert not any(name.startswith(tuple(alphabet)) for name in splits.train.names)
     assert sorted(splits.train.names + splits.val.names) == sorted(data.background.names)
 
 
-@pytest.mark.parametrize("split", ["maml", "lake"])
-def test_training_episodes_never_touch_validation_or_test_images(data, split):
-    splits = omniglot.omniglot_splits(data, split, num_train=6, num_val=2, val_alphabets=1)
+@pytest.mark.parametrize(
+    "split,rotation", [("maml", "episode"), ("maml", "classes"), ("lake", "episode")]
+)
+def test_training_episodes_never_touch_validation_or_test_images(data, split, rotation):
+    splits = omniglot.omniglot_splits(
+        data, split, num_train=6, num_val=2, val_alphabets=1, rotation=rotation
+    )
+    # Every turn of every held-out image, so that a turned one is caught too.
     held_out = {
-        image.tobytes()
+        np.ascontiguousarray(np.rot90(image, k)).tobytes()
         for part in (splits.val, splits.test)
         for image in part.images.reshape(-1, 28, 28, 1)
+        for k in range(4)
     }
-    dataset = episode_dataset(splits.train.images, 3, 1, 5, 8, seed=0).take(4)
+    dataset = episode_dataset(
+        splits.train.images, 3, 1, 5, 8, seed=0, rotations=splits.train.episode_rotations
+    ).take(4)
     seen = 0
     for batch in dataset:
         for key in ("support_x", "query_x"):

@@ -54,10 +54,31 @@ def test_eval_mode_saves_per_step_accuracy_and_the_protocol(omniglot_run, full_s
     assert len(saved["test"]["query_accuracy_ci95"]) == 3
     protocol = saved["protocol"]
     assert protocol["split"] == "maml"
-    assert protocol["classes"] == {"train": 4400, "val": 400, "test": 1692}
+    assert protocol["rotation"] == "episode"
+    assert protocol["classes"] == {"train": 1100, "val": 100, "test": 423}
     assert (protocol["n_way"], protocol["k_shot"], protocol["n_query"]) == (5, 1, 1)
     assert protocol["test_tasks"] == 8 and protocol["eval_seed"] == 1
     assert "batch statistics" in protocol["normalisation"]
+
+
+def test_eval_keeps_the_runs_rotation_unless_the_flag_sets_another(omniglot_run, tmp_path):
+    model_dir, _ = omniglot_run
+    # The run as saved before --rotation existed: its config has no rotation.
+    legacy = tmp_path / "legacy"
+    shutil.copytree(model_dir, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    del config["rotation"]
+    (legacy / "config.json").write_text(json.dumps(config))
+
+    def protocol(*flags):
+        result = run_main("--mode=eval", f"--model_dir={legacy}", "--test_tasks=8", *flags)
+        assert result.returncode == 0, stderr_tail(result)
+        return json.loads((legacy / "eval_results.json").read_text())["protocol"]
+
+    kept = protocol()
+    assert (kept["rotation"], kept["classes"]["test"]) == ("classes", 1692)
+    overridden = protocol("--rotation=episode")
+    assert (overridden["rotation"], overridden["classes"]["test"]) == ("episode", 423)
 
 
 def test_a_missing_zip_gets_one_line_naming_it(full_size_omniglot, tmp_path):

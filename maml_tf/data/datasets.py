@@ -74,7 +74,7 @@ def load_splits(config):
             data = omniglot.load_omniglot_tfds(
                 image_size=config.image_size, resample=config.resample
             )
-        return omniglot.omniglot_splits(data, config.split)
+        return omniglot.omniglot_splits(data, config.split, rotation=config.rotation)
     if not config.data_dir:
         raise UserError("--dataset=folder needs --data_dir=DIR with DIR/{train,val,test}/<class>/")
     return folder.load_image_folder(config.data_dir, config.image_size, channels=3)
@@ -98,6 +98,7 @@ def _images(config):
             counts=split.counts,
             split_name=split_name,
             first_task=first_task,
+            rotations=split.episode_rotations,
         )
 
     protocol = {
@@ -110,6 +111,8 @@ def _images(config):
     }
     if config.dataset == "omniglot":
         protocol["resample"] = config.resample
+        protocol["rotation"] = config.rotation
+        protocol["episode_rotations"] = list(splits.test.episode_rotations)
     return _datasets(config, tasks, protocol)
 
 

@@ -29,11 +29,15 @@ class Split(NamedTuple):
             rows of `images[c]`; the rest is zero padding that the sampler never draws.
         counts: int32 `[classes]`, examples per class (all equal for Omniglot).
         names: one name per class, e.g. `"Latin/character01"` or `"n01532829"`.
+        episode_rotations: angles in degrees (multiples of 90) by which an episode turns its
+            classes, one drawn uniformly per class and episode (the MAML paper's code on
+            Omniglot); `(0,)` turns nothing.
     """
 
     images: np.ndarray
     counts: np.ndarray
     names: tuple[str, ...]
+    episode_rotations: tuple[int, ...] = (0,)
 
 
 class Splits(NamedTuple):
@@ -44,21 +48,44 @@ class Splits(NamedTuple):
     test: Split
 
 
-def make_split(images: np.ndarray, names, counts: np.ndarray | None = None) -> Split:
+def make_split(
+    images: np.ndarray, names, counts: np.ndarray | None = None, episode_rotations=(0,)
+) -> Split:
     """Builds a `Split`, with full counts when `counts` is None.
 
     Args:
         images: uint8 `[classes, per_class, H, W, C]`.
         names: `classes` class names.
         counts: optional int32 `[classes]`; None means every class has `per_class` examples.
+        episode_rotations: see `Split`.
 
     Returns:
         The `Split`.
+
+    Raises:
+        ValueError: `episode_rotations` are not distinct multiples of 90 degrees, or not square
+            images when they turn anything.
     """
     images = np.asarray(images)
     if counts is None:
         counts = np.full([images.shape[0]], images.shape[1], np.int32)
-    return Split(images, np.asarray(counts, np.int32), tuple(names))
+    episode_rotations = check_rotations(episode_rotations)
+    if any(angle % 360 for angle in episode_rotations) and images.shape[2] != images.shape[3]:
+        raise ValueError(f"episode rotations need square images, got {images.shape[2:4]}")
+    return Split(images, np.asarray(counts, np.int32), tuple(names), episode_rotations)
+
+
+def check_rotations(rotations) -> tuple[int, ...]:
+    """`rotations` as a tuple of ints after checking they are distinct multiples of 90 degrees.
+
+    Raises:
+        ValueError: empty, not multiples of 90, or two angles that are the same turn.
+    """
+    rotations = tuple(int(angle) for angle in rotations)
+    distinct = {angle % 360 for angle in rotations}
+    if not rotations or any(angle % 90 for angle in rotations) or len(distinct) < len(rotations):
+        raise ValueError(f"rotations must be distinct multiples of 90 degrees, got {rotations}")
+    return rotations
 
 
 def check_episode_shape(splits: Splits, n_way: int, k_shot: int, n_query: int) -> None:
@@ -110,6 +137,7 @@ def sample_episode(
     k_shot: int,
     n_query: int,
     counts: tf.Tensor | None = None,
+    rotations: tuple[int, ...] = (0,),
 ) -> dict[str, tf.Tensor]:
     """Draws one N-way K-shot episode, a pure function of `seed`.
 
@@ -121,6 +149,11 @@ def sample_episode(
     a set as a batch (per-example losses, batch statistics) does not depend on the order, and a
     fixed order keeps episodes easy to inspect.
 
+    With `rotations` other than `(0,)`, each class of the episode is turned by one of them,
+    drawn uniformly and independently per class: all its support and query images by the same
+    angle, counter-clockwise (`tf.image.rot90`). The class and example draws are the same as
+    without rotations, from the same seed.
+
     Args:
         images: uint8 `[classes, per_class, H, W, C]` with static H, W, C.
         seed: int32 or int64 `[2]`, the stateless seed of this episode.
@@ -130,6 +163,8 @@ def sample_episode(
         counts: optional int32 `[classes]`, valid examples per class (the rest is padding);
             None when every class has `per_class` examples. The caller checks that every count
             is at least `k_shot + n_query`.
+        rotations: angles in degrees, distinct multiples of 90 (`check_rotations`); images
+            must be square when one of them turns.
 
     Returns:
         A dict with `support_x` float32 `[n_way*k_shot, H, W, C]` in [0, 1], `support_y` int32
@@ -157,6 +192,19 @@ def sample_episode(
         axis=-1,
     )
     x = tf.cast(tf.gather_nd(images, indices), tf.float32) / 255.0
+    if any(angle % 360 for angle in rotations):
+        # Its own stream, so that adding rotations leaves the class and example draws alone.
+        rotation_seed = tf.random.experimental.stateless_fold_in(seed, 2)
+        choice = tf.random.stateless_uniform(
+            [n_way], rotation_seed, maxval=len(rotations), dtype=tf.int32
+        )
+        quarter_turns = tf.gather(tf.constant([angle // 90 % 4 for angle in rotations]), choice)
+        # rot90 takes one k for a whole batch: turn every class all four ways, keep one each.
+        flat = tf.reshape(x, [n_way * per_episode, *example_shape])
+        turned = tf.stack(
+            [tf.reshape(tf.image.rot90(flat, k), tf.shape(x)) for k in range(4)], axis=1
+        )
+        x = tf.gather(turned, quarter_turns[:, None], batch_dims=1)[:, 0]
     y = tf.broadcast_to(tf.range(n_way, dtype=tf.int32)[:, None], [n_way, per_episode])
     return {
         "support_x": tf.reshape(x[:, :k_shot], [n_way * k_shot, *example_shape]),
@@ -179,6 +227,7 @@ def episode_dataset(
     *,
     split_name: str = "given",
     first_task: int = 0,
+    rotations=(0,),
 ) -> tf.data.Dataset:
     """Meta-batches of N-way K-shot episodes, drawn in parallel and deterministically.
 
@@ -204,6 +253,8 @@ def episode_dataset(
         first_task: index of the first episode of an endless stream: a run resumed after
             `first_task / meta_batch_size` meta-updates draws the episodes an uninterrupted
             run would.
+        rotations: angles (degrees) by which each class of an episode may be turned, one drawn
+            per class (`Split.episode_rotations`; `sample_episode`).
 
     Returns:
         A `tf.data.Dataset` of dicts: `support_x` float32 `[B, n_way*k_shot, H, W, C]` in [0, 1],
@@ -214,8 +265,9 @@ def episode_dataset(
     Raises:
         UserError: naming `--n_way`, `--k_shot` or `--n_query` when the split is too small for
             the episodes asked for.
-        ValueError: when `images` is not a uint8 5-D array, or `meta_batch_size` or `num_tasks`
-            is below 1.
+        ValueError: when `images` is not a uint8 5-D array, `meta_batch_size` or `num_tasks`
+            is below 1, or `rotations` are not distinct multiples of 90 degrees (or turn
+            images that are not square).
     """
     images = np.asarray(images)
     if images.ndim != 5 or images.dtype != np.uint8:
@@ -233,6 +285,9 @@ def episode_dataset(
     if counts.shape != full_counts.shape or (counts > images.shape[1]).any():
         raise ValueError(f"counts {counts.shape} do not fit images {images.shape}")
     _check_episode_shape(images.shape[0], counts, n_way, k_shot, n_query, split_name)
+    rotations = check_rotations(rotations)
+    if any(angle % 360 for angle in rotations) and images.shape[2] != images.shape[3]:
+        raise ValueError(f"episode rotations need square images, got {images.shape[2:4]}")
 
     images_tensor = tf.convert_to_tensor(images)
     # Masking padding costs a little per episode, so skip it when there is none.
@@ -245,7 +300,9 @@ def episode_dataset(
 
     def episode(index):
         episode_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-        return sample_episode(images_tensor, episode_seed, n_way, k_shot, n_query, counts_tensor)
+        return sample_episode(
+            images_tensor, episode_seed, n_way, k_shot, n_query, counts_tensor, rotations
+        )
 
     return (
         indices.map(episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -31,7 +31,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from maml_tf.data.episodes import Split, Splits, make_split
+from maml_tf.config import ROTATIONS
+from maml_tf.data.episodes import Split, Splits, check_rotations, make_split
 from maml_tf.errors import UserError
 
 PARTS = ("background", "evaluation")
@@ -281,6 +282,7 @@ def omniglot_splits(
     num_val: int = 100,
     val_alphabets: int = 5,
     rotations: Sequence[int] | None = None,
+    rotation: str = "episode",
 ) -> Splits:
     """Splits Omniglot's characters into meta-train, meta-validation and meta-test classes.
 
@@ -290,8 +292,7 @@ def omniglot_splits(
     the next `num_val` (100) meta-validation and the remaining 423 meta-test. Alphabets are
     mixed across the three. The original code shuffled `os.listdir` order with Python's
     `random.seed(1)`, which depends on the file system, so its exact classes cannot be
-    reproduced; the sizes are the same. Default rotations (0, 90, 180, 270): 4400 / 400 / 1692
-    classes.
+    reproduced; the sizes are the same. Default rotations: (0, 90, 180, 270).
 
     `"lake"`, the split of Lake et al.: the 659 evaluation characters (20 alphabets never seen
     in training) are meta-test. Meta-validation is `val_alphabets` (5) whole background
@@ -300,12 +301,18 @@ def omniglot_splits(
     background alphabets are meta-train. `num_train` and `num_val` do not apply. Default
     rotations (0,): no augmentation.
 
-    Rotations make new classes: rotating every image of a character by k*90 degrees
-    counter-clockwise (`np.rot90(image, k)`) gives a class of its own, in every split.
-    Classes are ordered rotation-major (all characters at the first rotation, then all at the
-    next) and named `"Alphabet/characterNN"` plus `"/rot90"` etc. for non-zero rotations. Unlike
-    the original code, which rotated whole characters per episode, an episode may hold two
-    rotations of one character as two classes, as in learn2learn.
+    `rotation` says how the rotations augment the classes:
+
+    - `"episode"`, as the MAML paper's code and learn2learn: the classes are the characters
+      (1100 / 100 / 423), and an episode turns each of its classes by one of `rotations`,
+      drawn per class and episode (`Split.episode_rotations`, applied by the sampler). An
+      episode never holds two rotations of one character.
+    - `"classes"`, as Santoro et al. (2016): rotating every image of a character by k*90
+      degrees counter-clockwise (`np.rot90(image, k)`) gives a class of its own, in every
+      split (4400 / 400 / 1692). Classes are ordered rotation-major (all characters at the
+      first rotation, then all at the next) and named `"Alphabet/characterNN"` plus `"/rot90"`
+      etc. for non-zero rotations. An episode may hold two rotations of one character as two
+      classes; one that a rotation leaves unchanged (like "o") is then two identical classes.
 
     Args:
         data: both Omniglot parts.
@@ -315,14 +322,18 @@ def omniglot_splits(
         num_val: `"maml"` only, meta-validation characters; the rest are meta-test.
         val_alphabets: `"lake"` only, background alphabets held out for meta-validation.
         rotations: angles in degrees, multiples of 90; None for the split's default.
+        rotation: `"episode"` or `"classes"`, see above.
 
     Returns:
         `Splits` of uint8 `[classes, 20, 28, 28, 1]` images with their class names.
 
     Raises:
         UserError: when the sizes leave a split empty.
-        ValueError: for an unknown split, or rotations that are not distinct multiples of 90.
+        ValueError: for an unknown split or `rotation`, or rotations that are not distinct
+            multiples of 90.
     """
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
     if split == "maml":
         images = np.concatenate([data.background.images, data.evaluation.images])
         names = data.background.names + data.evaluation.names
@@ -356,13 +367,25 @@ def omniglot_splits(
     else:
         raise ValueError(f"split must be 'maml' or 'lake', got {split!r}")
 
-    rotations = default_rotations if rotations is None else tuple(rotations)
-    distinct = {angle % 360 for angle in rotations}
-    if not rotations or any(angle % 90 for angle in rotations) or len(distinct) < len(rotations):
-        raise ValueError(f"rotations must be distinct multiples of 90 degrees, got {rotations}")
-    splits = Splits(*(_rotated(images, names, indices, rotations) for indices in groups))
+    rotations = check_rotations(default_rotations if rotations is None else rotations)
+    if rotation == "episode":
+        splits = Splits(
+            *(
+                make_split(images[indices], [names[i] for i in indices], None, rotations)
+                for indices in groups
+            )
+        )
+    else:
+        splits = Splits(*(_rotated(images, names, indices, rotations) for indices in groups))
     for split_name, values in zip(Splits._fields, splits, strict=True):
-        logging.info("Omniglot %r split, meta-%s: %d classes", split, split_name, len(values.names))
+        logging.info(
+            "Omniglot %r split, meta-%s: %d classes, rotations %s %s",
+            split,
+            split_name,
+            len(values.names),
+            rotations,
+            "drawn per class and episode" if rotation == "episode" else "as classes",
+        )
     return splits
 
 
