@@ -50,7 +50,7 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import summary as hparams_summary
 
 from maml_tf import plots
-from maml_tf.config import DATASETS, OMNIGLOT_SPLITS
+from maml_tf.config import DATASETS, OMNIGLOT_SPLITS, ROTATIONS
 
 # Where Keras' TensorBoard callback writes, relative to its log directory (keras/src/callbacks/
 # tensorboard.py): the hparams metrics below are looked up there.
@@ -65,6 +65,11 @@ SINUSOID_FIT_TAG = "sinusoid_fit"
 _HPARAMS = (
     hp.HParam("dataset", hp.Discrete(list(DATASETS)), description="data set"),
     hp.HParam("split", hp.Discrete(list(OMNIGLOT_SPLITS)), description="Omniglot class split"),
+    hp.HParam(
+        "rotation",
+        hp.Discrete(list(ROTATIONS)),
+        description="Omniglot rotations: drawn per class and episode, or as classes",
+    ),
     hp.HParam("n_way", description="N, classes per task"),
     hp.HParam("k_shot", description="K, support examples per class (per task for regression)"),
     hp.HParam("n_query", description="query examples per class (per task for regression)"),
@@ -113,11 +118,11 @@ def run_hparams(config, model=None):
 
     Returns:
       Dict from the names in `HPARAM_NAMES` to bool, int, float or str; fields that are None
-      (or do not apply, such as `split` outside Omniglot) are left out.
+      (or do not apply, such as `split` and `rotation` outside Omniglot) are left out.
     """
     values = {name: getattr(config, name) for name in HPARAM_NAMES}
     if config.dataset != "omniglot":
-        values["split"] = None
+        values["split"] = values["rotation"] = None
     if model is not None:
         for name in _MODEL_HPARAMS:
             values[name] = getattr(model, name, values[name])

@@ -227,7 +227,13 @@ def test_run_hparams_reports_the_models_inner_loop():
         0.05,
         3,
     )
-    assert "n_way" not in hparams and "split" not in hparams
+    assert "n_way" not in hparams and "split" not in hparams and "rotation" not in hparams
+
+
+def test_run_hparams_name_omniglots_rotation():
+    config = Config(dataset="omniglot", rotation="classes").resolve()
+    assert monitoring.run_hparams(config)["rotation"] == "classes"
+    assert monitoring.run_hparams(Config(dataset="omniglot").resolve())["rotation"] == "episode"
 
 
 _WRITTEN_ONCE = [
