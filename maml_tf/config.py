@@ -199,9 +199,7 @@ class Config:
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
-        if values.get("dataset") == "omniglot":
-            # Omniglot runs saved before `rotation` existed made rotations new classes.
-            values.setdefault("rotation", "classes")
+        values = with_legacy_fields(values)
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
@@ -217,6 +215,22 @@ class Config:
     @property
     def config_path(self):
         return os.path.join(self.model_dir, "config.json")
+
+
+def with_legacy_fields(values):
+    """A saved config's field values, with what fields added since meant before they existed.
+
+    Args:
+      values: dict of a `Config` as saved (`config.json`, a search's `search.json`).
+
+    Returns:
+      A new dict: an Omniglot config without `rotation` gets "classes", what runs and searches
+      did before the field existed (rotated characters as classes).
+    """
+    values = dict(values)
+    if values.get("dataset") == "omniglot":
+        values.setdefault("rotation", "classes")
+    return values
 
 
 def _sinusoid_defaults(config):

@@ -39,7 +39,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, monitoring, training
-from maml_tf.config import TUNERS, TUNING_FIELDS
+from maml_tf.config import TUNERS, TUNING_FIELDS, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 
@@ -526,6 +526,7 @@ def _check_same_search(config, space):
         return
     with open(path) as f:
         saved = json.load(f)
+    saved["config"] = with_legacy_fields(saved["config"])
     ignored = set(CONTINUABLE_CHANGES) | set(config.allow_changed)
     changed = [
         f"--{name}={value} (the search used {saved['space'].get(name)})"

@@ -329,3 +329,27 @@ def tuning_best_inner_lr(flagfile):
         if line.startswith("--inner_lr="):
             return float(line.split("=", 1)[1])
     raise AssertionError(f"no --inner_lr in {flagfile}")
+
+
+def test_a_search_saved_before_rotation_existed_continues_with_classes(tmp_path):
+    def config(rotation):
+        return Config(
+            dataset="omniglot", model_dir=str(tmp_path), rotation=rotation, max_trials=2
+        ).resolve()
+
+    space = tuning.SearchSpace().resolve(config("classes"))
+    tuning._check_same_search(config("classes"), space)
+    # As an omniglot search wrote search.json before the field existed, with a trial started.
+    path = os.path.join(space.directory, tuning.SEARCH_FILE)
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["config"]["rotation"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    os.makedirs(os.path.join(space.directory, tuning.PROJECT))
+    with open(os.path.join(space.directory, tuning.PROJECT, "oracle.json"), "w") as f:
+        f.write("{}")
+
+    tuning._check_same_search(config("classes"), space)
+    with pytest.raises(UserError, match=r"--rotation=episode \(the search used classes\)"):
+        tuning._check_same_search(config("episode"), space)
