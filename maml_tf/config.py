@@ -51,10 +51,11 @@ class Config:
       split: Omniglot's class split, "maml" (1100/100/423 characters, with rotations) or
         "lake" (background / evaluation alphabets, no rotations).
       rotation: how Omniglot's rotations by 0/90/180/270 degrees augment the classes (None:
-        "episode"): "episode", as the paper's code, turns each class of an episode by a random
-        multiple of 90 degrees (classes are characters, never two rotations of one in an
-        episode); "classes", as Santoro et al. (2016), makes every rotated character a class of
-        its own. Configs saved before the field existed read as "classes", what they used.
+        "episode" for Omniglot): "episode", as the paper's code, turns each class of an episode
+        by a random multiple of 90 degrees (classes are characters, never two rotations of one
+        in an episode); "classes", as Santoro et al. (2016), makes every rotated character a
+        class of its own. Configs saved before the field existed read as "classes", what they
+        used (`with_legacy_fields`).
       image_size: side of the square images (omniglot 28; folder e.g. 84 for miniImageNet).
       resample: Omniglot's resize filter: "lanczos" (grey levels) or "nearest" (binary images,
         as the paper's code made them).

@@ -69,22 +69,28 @@ def make_split(
     images = np.asarray(images)
     if counts is None:
         counts = np.full([images.shape[0]], images.shape[1], np.int32)
-    episode_rotations = check_rotations(episode_rotations)
-    if any(angle % 360 for angle in episode_rotations) and images.shape[2] != images.shape[3]:
-        raise ValueError(f"episode rotations need square images, got {images.shape[2:4]}")
+    episode_rotations = check_rotations(episode_rotations, images.shape)
     return Split(images, np.asarray(counts, np.int32), tuple(names), episode_rotations)
 
 
-def check_rotations(rotations) -> tuple[int, ...]:
+def check_rotations(rotations, images_shape=None) -> tuple[int, ...]:
     """`rotations` as a tuple of ints after checking they are distinct multiples of 90 degrees.
 
+    Args:
+        rotations: angles in degrees.
+        images_shape: `[classes, per_class, H, W, C]` of the images they will turn, or None.
+
     Raises:
-        ValueError: empty, not multiples of 90, or two angles that are the same turn.
+        ValueError: empty, not multiples of 90, two angles that are the same turn, or a turn
+            of images that are not square.
     """
     rotations = tuple(int(angle) for angle in rotations)
     distinct = {angle % 360 for angle in rotations}
     if not rotations or any(angle % 90 for angle in rotations) or len(distinct) < len(rotations):
         raise ValueError(f"rotations must be distinct multiples of 90 degrees, got {rotations}")
+    turns = any(angle % 360 for angle in rotations)
+    if turns and images_shape is not None and images_shape[2] != images_shape[3]:
+        raise ValueError(f"episode rotations need square images, got {tuple(images_shape[2:4])}")
     return rotations
 
 
@@ -285,9 +291,7 @@ def episode_dataset(
     if counts.shape != full_counts.shape or (counts > images.shape[1]).any():
         raise ValueError(f"counts {counts.shape} do not fit images {images.shape}")
     _check_episode_shape(images.shape[0], counts, n_way, k_shot, n_query, split_name)
-    rotations = check_rotations(rotations)
-    if any(angle % 360 for angle in rotations) and images.shape[2] != images.shape[3]:
-        raise ValueError(f"episode rotations need square images, got {images.shape[2:4]}")
+    rotations = check_rotations(rotations, images.shape)
 
     images_tensor = tf.convert_to_tensor(images)
     # Masking padding costs a little per episode, so skip it when there is none.
