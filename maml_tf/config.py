@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 
+from maml_tf.errors import UserError
+
 DATASETS = ("sinusoid", "omniglot", "folder")
 MODES = ("train", "eval", "export", "tune")
 TUNERS = ("random", "bayesian", "hyperband")
@@ -180,13 +182,21 @@ class Config:
                 object.__setattr__(self, name, tuple(kind(v) for v in value))
 
     def resolve(self):
-        """Returns a copy with every None field set to the data set's default."""
+        """Returns a copy with every None field set to the data set's default.
+
+        Raises:
+          UserError: a field set that the data set or learner would ignore or cannot use
+            (`check_applies`).
+        """
+        check_applies(self)
         defaults = DATASET_DEFAULTS[self.dataset](self)
         filled = {
             name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
             for name in (f.name for f in dataclasses.fields(self))
         }
-        return Config(**filled)
+        resolved = Config(**filled)
+        check_applies(resolved)
+        return resolved
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -225,13 +235,70 @@ def with_legacy_fields(values):
       values: dict of a `Config` as saved (`config.json`, a search's `search.json`).
 
     Returns:
-      A new dict: an Omniglot config without `rotation` gets "classes", what runs and searches
-      did before the field existed (rotated characters as classes).
+      A new dict: an Omniglot config of the maml split without `rotation` gets "classes", what
+      runs and searches did before the field existed (rotated characters as classes).
     """
     values = dict(values)
-    if values.get("dataset") == "omniglot":
+    # The lake split never had rotations.
+    if values.get("dataset") == "omniglot" and values.get("split", "maml") == "maml":
         values.setdefault("rotation", "classes")
     return values
+
+
+# Fields that only some data sets read, and the value a field takes when it is not set. Set to
+# anything else for another data set, the field would be ignored without a word.
+DATASET_FIELDS = {
+    "data_dir": (("omniglot", "folder"), None),
+    "split": (("omniglot",), "maml"),
+    "rotation": (("omniglot",), None),
+    "resample": (("omniglot",), "lanczos"),
+    "cache_dir": (("omniglot",), None),
+    "n_way": (("omniglot", "folder"), None),
+    "image_size": (("omniglot", "folder"), None),
+}
+# The learner each data set's inputs need: sinusoid's x is a scalar, the others are images.
+DATASET_LEARNERS = {"sinusoid": "mlp", "omniglot": "conv4", "folder": "conv4"}
+# Fields that only conv4 reads, and their value when not set.
+CONV4_FIELDS = {"conv_variant": None, "filters": None, "paper_network": False}
+
+
+def check_applies(config):
+    """Refuses a field set for a data set or learner that does not read it.
+
+    A user who writes `--dataset=folder --split=lake` or `--dataset=sinusoid --learner=conv4`
+    asked for something the run would ignore or fail on deep inside Keras; the error says so in
+    one line instead.
+
+    Args:
+      config: a `Config`, resolved or not.
+
+    Raises:
+      UserError: naming the flag, its value and why it does not apply.
+    """
+    dataset = config.dataset
+    for name, (readers, unset) in DATASET_FIELDS.items():
+        value = getattr(config, name)
+        if dataset not in readers and value != unset:
+            only = " and ".join(f"--dataset={reader}" for reader in readers)
+            verb = "reads" if len(readers) == 1 else "read"
+            raise UserError(
+                f"--{name}={value}: only {only} {verb} it; this run's --dataset is {dataset}"
+            )
+    if dataset == "omniglot" and config.split == "lake" and config.rotation == "classes":
+        raise UserError("--rotation=classes: --split=lake has no rotations (only --split=maml)")
+    learner, needed = config.learner, DATASET_LEARNERS.get(dataset)
+    if learner is not None and needed is not None and learner != needed:
+        inputs = "scalars" if dataset == "sinusoid" else "images"
+        raise UserError(
+            f"--learner={learner}: --dataset={dataset}'s inputs are {inputs}, which "
+            f"--learner={needed} takes"
+        )
+    if learner == "mlp" or (learner is None and needed == "mlp"):
+        for name, unset in CONV4_FIELDS.items():
+            value = getattr(config, name)
+            if value != unset:
+                flag = f"--{name}" if value is True else f"--{name}={value}"
+                raise UserError(f"{flag}: only --learner=conv4 reads it; this run's is mlp")
 
 
 def _sinusoid_defaults(config):

@@ -67,8 +67,6 @@ Attributes:
 
 def build_learner(config):
     """The learner f_θ that a resolved config names."""
-    if config.paper_network and config.learner != "conv4":
-        raise UserError(f"--paper_network builds conv4; this run's --learner is {config.learner}")
     if config.learner == "mlp":
         return learners.mlp()
     if config.learner == "conv4":

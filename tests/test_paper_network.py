@@ -15,7 +15,6 @@ from absl import flags as absl_flags
 import flags
 from maml_tf import MAML, learners, pretrained, training
 from maml_tf.config import Config
-from maml_tf.errors import UserError
 
 
 def small_conv4(paper_network):
@@ -147,9 +146,3 @@ def test_a_packaged_paper_network_loads_with_its_offsets_outer_only(tmp_path):
         loaded.learner.trainable_variables, model.learner.trainable_variables, strict=True
     ):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
-def test_the_flag_is_refused_for_a_learner_it_does_not_build():
-    config = parse("--dataset=sinusoid", "--paper_network").resolve()
-    with pytest.raises(UserError, match="--paper_network builds conv4"):
-        training.build_learner(config)
