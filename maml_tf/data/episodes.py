@@ -204,13 +204,13 @@ def sample_episode(
         choice = tf.random.stateless_uniform(
             [n_way], rotation_seed, maxval=len(rotations), dtype=tf.int32
         )
-        quarter_turns = tf.gather(tf.constant([angle // 90 % 4 for angle in rotations]), choice)
-        # rot90 takes one k for a whole batch: turn every class all four ways, keep one each.
+        # rot90 takes one k for a whole batch: turn every class by each of the angles, keep one.
         flat = tf.reshape(x, [n_way * per_episode, *example_shape])
         turned = tf.stack(
-            [tf.reshape(tf.image.rot90(flat, k), tf.shape(x)) for k in range(4)], axis=1
+            [tf.reshape(tf.image.rot90(flat, angle // 90 % 4), tf.shape(x)) for angle in rotations],
+            axis=1,
         )
-        x = tf.gather(turned, quarter_turns[:, None], batch_dims=1)[:, 0]
+        x = tf.gather(turned, choice[:, None], batch_dims=1)[:, 0]
     y = tf.broadcast_to(tf.range(n_way, dtype=tf.int32)[:, None], [n_way, per_episode])
     return {
         "support_x": tf.reshape(x[:, :k_shot], [n_way * k_shot, *example_shape]),
