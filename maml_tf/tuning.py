@@ -39,7 +39,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, monitoring, training
-from maml_tf.config import TUNERS, TUNING_FIELDS, with_legacy_fields
+from maml_tf.config import DATASET_FIELDS, TUNERS, TUNING_FIELDS, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 
@@ -76,8 +76,6 @@ FLAGFILE_FIELDS = (
     "seed",
     "eval_seed",
 )
-# Of those, the ones that mean something only for Omniglot.
-OMNIGLOT_FIELDS = ("split", "rotation", "resample")
 # Config fields that may differ when a search is continued: where files are, output, the
 # (equivalent) task loop, what only plain training and meta-testing use, and the fields that
 # the resolved search space already holds (and the Config fields that make the space).
@@ -598,7 +596,8 @@ def _flagfile_text(config, space, best, score, objective, completed):
         name
         for name in FLAGFILE_FIELDS
         if getattr(config, name) is not None
-        and (name not in OMNIGLOT_FIELDS or config.dataset == "omniglot")
+        # Only the flags the data set reads: a flagfile with another would be refused.
+        and (name not in DATASET_FIELDS or config.dataset in DATASET_FIELDS[name][0])
     ]
     lines = [
         f"# Best of {completed} completed trials of the {space.tuner} search in "

@@ -13,7 +13,7 @@ from tfevents import events
 
 import flags
 from maml_tf import tuning
-from maml_tf.config import TUNING_FIELDS, Config
+from maml_tf.config import DATASET_FIELDS, TUNING_FIELDS, Config
 from maml_tf.errors import UserError
 
 SPACE = tuning.SearchSpace(
@@ -115,10 +115,16 @@ def test_each_tuner_writes_the_best_trial_as_a_flagfile(tmp_path, space):
     parsed = _parse_flagfile(result.flagfile)
     assert result.flagfile == os.path.join(directory, "best.flags")
     assert parsed.dataset == "sinusoid" and parsed.k_shot == 5 and parsed.meta_batch_size == 2
+    # It runs as it is: no flag in it is refused for the data set.
+    assert flags.to_config(parsed).resolve().dataset == "sinusoid"
     with open(result.flagfile) as f:
         text = f.read()
-    # A sinusoid search's flagfile carries no Omniglot-only flag (--split, --resample).
-    assert not [name for name in tuning.OMNIGLOT_FIELDS if f"--{name}=" in text]
+    # A sinusoid search's flagfile carries no flag that only image data sets read (--split,
+    # --resample, ...).
+    image_only = [
+        name for name, (readers, _) in DATASET_FIELDS.items() if "sinusoid" not in readers
+    ]
+    assert image_only and not [name for name in image_only if f"--{name}=" in text]
     for name, value in result.best_hyperparameters.items():
         assert parsed[name].value == value, name
     assert 1e-3 <= result.best_hyperparameters["inner_lr"] <= 1e-1
