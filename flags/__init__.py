@@ -71,6 +71,28 @@ _CONFIG_FLAGS = (
 )
 
 
+# Flags that one mode alone reads; given with another --mode they would be ignored without a word.
+MODE_ONLY = {
+    **{name: "tune" for name in TUNING_FIELDS},
+    "export_dir": "export",
+    "overwrite": "export",
+}
+
+
+def _mode_only(flag_values):
+    """Refuses a flag given (on the command line or in a flagfile) for a mode that ignores it."""
+    for name, reader in MODE_ONLY.items():
+
+        def check(_, name=name, reader=reader):
+            # Validators run once every flag is parsed, so --mode is known whatever its place.
+            mode = flag_values["mode"].value
+            if flag_values[name].present and mode != reader:
+                raise flags.ValidationError(f"only --mode={reader} reads it; this is --mode={mode}")
+            return True
+
+        flags.register_validator(name, check, flag_values=flag_values)
+
+
 def _positive(name, symbol, flag_values):
     label = f"{name} ({symbol})" if symbol else name
     flags.register_validator(
@@ -484,6 +506,7 @@ def define_flags(flag_values=flags.FLAGS):
         message="hyperband_factor (η) must be at least 2",
         flag_values=flag_values,
     )
+    _mode_only(flag_values)
     _range("inner_lr_range", 0, flag_values)
     _range("outer_lr_range", 0, flag_values)
     _range("inner_steps_range", 1, flag_values)

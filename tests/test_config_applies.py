@@ -1,4 +1,5 @@
-"""A flag that the chosen data set or learner does not read is refused in one line, not ignored."""
+"""A flag that the chosen data set, learner or mode does not read is refused in one line, not
+ignored."""
 
 import json
 
@@ -144,4 +145,60 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --learner=conv4: --dataset=sinusoid's inputs are scalars, which --learner=mlp takes"
     )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--tuner=bayesian"],
+            "flag --tuner=bayesian: only --mode=tune reads it; this is --mode=train",
+        ),
+        (
+            ["--mode=eval", "--max_trials=5"],
+            "flag --max_trials=5: only --mode=tune reads it; this is --mode=eval",
+        ),
+        (
+            ["--inner_lr_range=0.01,0.1", "--mode=export"],
+            "flag --inner_lr_range=['0.01', '0.1']: only --mode=tune reads it; this is "
+            "--mode=export",
+        ),
+        (
+            ["--export_dir=/tmp/e"],
+            "flag --export_dir=/tmp/e: only --mode=export reads it; this is --mode=train",
+        ),
+        (
+            ["--mode=tune", "--overwrite"],
+            "flag --overwrite=True: only --mode=export reads it; this is --mode=tune",
+        ),
+    ],
+)
+def test_a_flag_of_another_mode_is_refused(argv, message):
+    with pytest.raises(absl_flags.IllegalFlagValueError) as error:
+        parsed(*argv)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # The mode may come after the flag, as in a flagfile followed by --mode.
+        ["--tuner=bayesian", "--inner_lr_range=0.01,0.1", "--tune_first_order", "--mode=tune"],
+        ["--mode=export", "--export_dir=/tmp/e", "--overwrite"],
+        ["--mode=eval"],
+    ],
+)
+def test_a_flag_of_its_own_mode_is_accepted(argv):
+    parsed(*argv)
+
+
+def test_the_flag_error_is_one_line_before_tensorflow_loads(tmp_path):
+    result = run_main("--tuner=hyperband", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "tensorflow" not in result.stderr.lower()
+    assert (
+        "FATAL Flags parsing error: flag --tuner=hyperband: only --mode=tune reads it; this is "
+        "--mode=train"
+    ) in result.stderr.splitlines()
     assert not (tmp_path / "run").exists()
