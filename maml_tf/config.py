@@ -284,6 +284,11 @@ def check_applies(config):
             raise UserError(
                 f"--{name}={value}: only {only} {verb} it; this run's --dataset is {dataset}"
             )
+    if dataset == "omniglot" and config.cache_dir is not None and not config.data_dir:
+        raise UserError(
+            f"--cache_dir={config.cache_dir}: only Omniglot read from --data_dir is cached "
+            "(without --data_dir TFDS loads it, with its own cache)"
+        )
     if dataset == "omniglot" and config.split == "lake" and config.rotation == "classes":
         raise UserError("--rotation=classes: --split=lake has no rotations (only --split=maml)")
     learner, needed = config.learner, DATASET_LEARNERS.get(dataset)

@@ -56,6 +56,11 @@ def parsed(*argv):
             "--dataset is sinusoid",
         ),
         (
+            ["--dataset=omniglot", "--cache_dir=/tmp/c"],
+            "--cache_dir=/tmp/c: only Omniglot read from --data_dir is cached (without "
+            "--data_dir TFDS loads it, with its own cache)",
+        ),
+        (
             ["--dataset=omniglot", "--split=lake", "--rotation=classes"],
             "--rotation=classes: --split=lake has no rotations (only --split=maml)",
         ),
