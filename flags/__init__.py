@@ -199,7 +199,8 @@ def define_flags(flag_values=flags.FLAGS):
         "string",
         "cache_dir",
         None,
-        "Directory for a cache of the decoded Omniglot images (skips 4 s of PNG decoding).",
+        "Directory for a cache of the decoded Omniglot images read from --data_dir (skips 4 s "
+        "of PNG decoding).",
     )
     define(
         "string",
