@@ -287,10 +287,12 @@ def test_rotations_are_drawn_uniformly_and_independently_per_class():
     assert np.mean([len(set(row)) > 1 for row in per_class]) > 0.9
 
 
-def test_a_single_rotation_turns_every_class_by_it():
-    result = rotated_episode([1, 7], rotations=(180,))
-    assert set(turns_and_provenance(result["support_x"])[:, 0]) == {2}
-    assert set(turns_and_provenance(result["query_x"])[:, 0]) == {2}
+@pytest.mark.parametrize("angle,quarter_turns", [(90, 1), (180, 2), (270, 3)])
+def test_a_single_rotation_turns_every_class_by_it_counter_clockwise(angle, quarter_turns):
+    # np.rot90 and tf.image.rot90 turn counter-clockwise; 90 and 270 tell the direction.
+    result = rotated_episode([1, 7], rotations=(angle,))
+    assert set(turns_and_provenance(result["support_x"])[:, 0]) == {quarter_turns}
+    assert set(turns_and_provenance(result["query_x"])[:, 0]) == {quarter_turns}
 
 
 def test_episode_rotations_follow_the_split_into_the_dataset():

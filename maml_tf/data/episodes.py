@@ -136,6 +136,26 @@ def _check_episode_shape(num_classes, counts, n_way, k_shot, n_query, split_name
         )
 
 
+def _pixel_orders(example_shape, rotations):
+    """int32 `[len(rotations), H*W]`: where each pixel of an image turned by each angle comes from.
+
+    Turning is a fixed permutation of the pixels, so a class turns with one gather whatever its
+    angle; `tf.image.rot90` takes one angle for a whole batch and would have to turn every class
+    by every angle.
+    """
+    height, width = example_shape[0], example_shape[1]
+    pixels = np.arange(height * width, dtype=np.int32).reshape(height, width)
+    return tf.constant(np.stack([np.rot90(pixels, angle // 90 % 4).ravel() for angle in rotations]))
+
+
+def _turn_classes(x, orders):
+    """`x` `[n_way, per_episode, H, W, C]` with class i's images turned by `orders[i]` `[H*W]`."""
+    shape = tf.shape(x)
+    flat = tf.reshape(x, [shape[0], shape[1], shape[2] * shape[3], shape[4]])
+    turned = tf.gather(flat, orders, axis=2, batch_dims=1)
+    return tf.reshape(turned, shape)
+
+
 def sample_episode(
     images: tf.Tensor,
     seed: tf.Tensor,
@@ -157,7 +177,7 @@ def sample_episode(
 
     With `rotations` other than `(0,)`, each class of the episode is turned by one of them,
     drawn uniformly and independently per class: all its support and query images by the same
-    angle, counter-clockwise (`tf.image.rot90`). The class and example draws are the same as
+    angle, counter-clockwise (as `tf.image.rot90`). The class and example draws are the same as
     without rotations, from the same seed.
 
     Args:
@@ -197,20 +217,15 @@ def sample_episode(
         [tf.broadcast_to(classes[:, None], [n_way, per_episode]), tf.cast(examples, tf.int64)],
         axis=-1,
     )
-    x = tf.cast(tf.gather_nd(images, indices), tf.float32) / 255.0
+    x = tf.gather_nd(images, indices)
     if any(angle % 360 for angle in rotations):
         # Its own stream, so that adding rotations leaves the class and example draws alone.
         rotation_seed = tf.random.experimental.stateless_fold_in(seed, 2)
         choice = tf.random.stateless_uniform(
             [n_way], rotation_seed, maxval=len(rotations), dtype=tf.int32
         )
-        # rot90 takes one k for a whole batch: turn every class by each of the angles, keep one.
-        flat = tf.reshape(x, [n_way * per_episode, *example_shape])
-        turned = tf.stack(
-            [tf.reshape(tf.image.rot90(flat, angle // 90 % 4), tf.shape(x)) for angle in rotations],
-            axis=1,
-        )
-        x = tf.gather(turned, choice[:, None], batch_dims=1)[:, 0]
+        x = _turn_classes(x, tf.gather(_pixel_orders(example_shape, rotations), choice))
+    x = tf.cast(x, tf.float32) / 255.0
     y = tf.broadcast_to(tf.range(n_way, dtype=tf.int32)[:, None], [n_way, per_episode])
     return {
         "support_x": tf.reshape(x[:, :k_shot], [n_way * k_shot, *example_shape]),
