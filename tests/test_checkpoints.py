@@ -215,8 +215,11 @@ def test_a_run_resumed_mid_epoch_says_which_epoch_it_finishes(runs):
 
 def test_ctrl_c_outside_meta_training_is_one_line_and_the_signal_status(runs):
     # The signal is raised as the meta-test starts, where Python's own KeyboardInterrupt acts.
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that; a terminal's Ctrl-C finds Python's own handler.
     script = f"""
 import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = ["main.py", "--mode=eval", "--model_dir={runs["reference_dir"]}"]
 import main
 from maml_tf import evaluation
