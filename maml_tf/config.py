@@ -188,15 +188,14 @@ class Config:
           UserError: a field set that the data set or learner would ignore or cannot use
             (`check_applies`).
         """
+        # On the fields as given: the defaults filled in below always apply to their data set.
         check_applies(self)
         defaults = DATASET_DEFAULTS[self.dataset](self)
         filled = {
             name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
             for name in (f.name for f in dataclasses.fields(self))
         }
-        resolved = Config(**filled)
-        check_applies(resolved)
-        return resolved
+        return Config(**filled)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
