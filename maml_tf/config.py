@@ -261,6 +261,11 @@ DATASET_LEARNERS = {"sinusoid": "mlp", "omniglot": "conv4", "folder": "conv4"}
 CONV4_FIELDS = {"conv_variant": None, "filters": None, "paper_network": False}
 
 
+def dataset_reads(name, dataset):
+    """Whether a run on `dataset` reads the Config field `name` (`DATASET_FIELDS`)."""
+    return name not in DATASET_FIELDS or dataset in DATASET_FIELDS[name][0]
+
+
 def check_applies(config):
     """Refuses a field set for a data set or learner that does not read it.
 
@@ -277,7 +282,7 @@ def check_applies(config):
     dataset = config.dataset
     for name, (readers, unset) in DATASET_FIELDS.items():
         value = getattr(config, name)
-        if dataset not in readers and value != unset:
+        if not dataset_reads(name, dataset) and value != unset:
             only = " and ".join(f"--dataset={reader}" for reader in readers)
             verb = "reads" if len(readers) == 1 else "read"
             raise UserError(

@@ -39,7 +39,7 @@ from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, monitoring, training
-from maml_tf.config import DATASET_FIELDS, TUNERS, TUNING_FIELDS, with_legacy_fields
+from maml_tf.config import TUNERS, TUNING_FIELDS, dataset_reads, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import UserError
 
@@ -597,7 +597,7 @@ def _flagfile_text(config, space, best, score, objective, completed):
         for name in FLAGFILE_FIELDS
         if getattr(config, name) is not None
         # Only the flags the data set reads: a flagfile with another would be refused.
-        and (name not in DATASET_FIELDS or config.dataset in DATASET_FIELDS[name][0])
+        and dataset_reads(name, config.dataset)
     ]
     lines = [
         f"# Best of {completed} completed trials of the {space.tuner} search in "
