@@ -295,14 +295,14 @@ def check_applies(config):
         )
     if dataset == "omniglot" and config.split == "lake" and config.rotation == "classes":
         raise UserError("--rotation=classes: --split=lake has no rotations (only --split=maml)")
-    learner, needed = config.learner, DATASET_LEARNERS.get(dataset)
-    if learner is not None and needed is not None and learner != needed:
+    learner, needed = config.learner, DATASET_LEARNERS[dataset]
+    if learner is not None and learner != needed:
         inputs = "scalars" if dataset == "sinusoid" else "images"
         raise UserError(
             f"--learner={learner}: --dataset={dataset}'s inputs are {inputs}, which "
             f"--learner={needed} takes"
         )
-    if learner == "mlp" or (learner is None and needed == "mlp"):
+    if (learner or needed) == "mlp":
         for name, unset in CONV4_FIELDS.items():
             value = getattr(config, name)
             if value != unset:
