@@ -176,9 +176,11 @@ def define_flags(flag_values=flags.FLAGS):
         None,
         "How the maml split's rotations augment Omniglot: episode (the paper's code and "
         "learn2learn: each class of an episode is turned by a random multiple of 90 degrees; "
-        "classes are the characters) or classes (every rotated character is a class of its "
-        "own, 4x the classes; an episode may hold two rotations of one character). Default: "
-        "episode for a new run; meta-testing a saved model keeps its own unless this is set.",
+        "classes are the characters), classes (every rotated character is a class of its "
+        "own, 4x the classes; an episode may hold two rotations of one character) or none "
+        "(characters upright, the only choice for --split=lake). Default: episode for a new "
+        "maml-split run, none for lake; meta-testing a saved model keeps its own unless this "
+        "is set.",
         enum_values=list(ROTATIONS),
     )
     define(

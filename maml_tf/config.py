@@ -36,7 +36,7 @@ OMNIGLOT_SPLITS = ("maml", "lake")
 # How Omniglot's 105x105 PNGs become 28x28 (`maml_tf.data.omniglot`).
 RESAMPLES = ("lanczos", "nearest")
 # How Omniglot's rotations augment it (`maml_tf.data.omniglot.omniglot_splits`).
-ROTATIONS = ("episode", "classes")
+ROTATIONS = ("episode", "classes", "none")
 CHECKPOINTS = ("best", "final")
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
 TASK_LOOPS = ("auto", "batched", "map", "unroll")
@@ -53,11 +53,12 @@ class Config:
       split: Omniglot's class split, "maml" (1100/100/423 characters, with rotations) or
         "lake" (background / evaluation alphabets, no rotations).
       rotation: how Omniglot's rotations by 0/90/180/270 degrees augment the classes (None:
-        "episode" for Omniglot): "episode", as the paper's code, turns each class of an episode
-        by a random multiple of 90 degrees (classes are characters, never two rotations of one
-        in an episode); "classes", as Santoro et al. (2016), makes every rotated character a
-        class of its own. Configs saved before the field existed read as "classes", what they
-        used (`with_legacy_fields`).
+        "episode" for the maml split, "none" for the lake split): "episode", as the paper's
+        code, turns each class of an episode by a random multiple of 90 degrees (classes are
+        characters, never two rotations of one in an episode); "classes", as Santoro et al.
+        (2016), makes every rotated character a class of its own; "none" keeps every character
+        upright. Configs saved before the field existed read as what they used
+        (`with_legacy_fields`).
       image_size: side of the square images (omniglot 28; folder e.g. 84 for miniImageNet).
       resample: Omniglot's resize filter: "lanczos" (grey levels) or "nearest" (binary images,
         as the paper's code made them).
@@ -235,12 +236,16 @@ def with_legacy_fields(values):
 
     Returns:
       A new dict: an Omniglot config of the maml split without `rotation` gets "classes", what
-      runs and searches did before the field existed (rotated characters as classes).
+      runs and searches did before the field existed (rotated characters as classes); one of
+      the lake split gets "none", what it always did, also in place of the "episode" that
+      configs saved before "none" existed recorded for it.
     """
     values = dict(values)
-    # The lake split never had rotations.
-    if values.get("dataset") == "omniglot" and values.get("split", "maml") == "maml":
-        values.setdefault("rotation", "classes")
+    if values.get("dataset") == "omniglot":
+        if values.get("split", "maml") == "maml":
+            values.setdefault("rotation", "classes")
+        elif values.get("rotation") in (None, "episode"):
+            values["rotation"] = "none"
     return values
 
 
@@ -293,8 +298,10 @@ def check_applies(config):
             f"--cache_dir={config.cache_dir}: only Omniglot read from --data_dir is cached "
             "(without --data_dir TFDS loads it, with its own cache)"
         )
-    if dataset == "omniglot" and config.split == "lake" and config.rotation == "classes":
-        raise UserError("--rotation=classes: --split=lake has no rotations (only --split=maml)")
+    if dataset == "omniglot" and config.split == "lake" and config.rotation not in (None, "none"):
+        raise UserError(
+            f"--rotation={config.rotation}: --split=lake has no rotations (only --split=maml)"
+        )
     learner, needed = config.learner, DATASET_LEARNERS[dataset]
     if learner is not None and learner != needed:
         inputs = "scalars" if dataset == "sinusoid" else "images"
@@ -354,7 +361,7 @@ def _omniglot_defaults(config):
         "conv_variant": "strided",
         "filters": 64,
         "image_size": 28,
-        "rotation": "episode",
+        "rotation": "none" if config.split == "lake" else "episode",
         "task_loop": "auto",
     }
 

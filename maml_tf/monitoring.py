@@ -68,7 +68,7 @@ _HPARAMS = (
     hp.HParam(
         "rotation",
         hp.Discrete(list(ROTATIONS)),
-        description="Omniglot rotations: drawn per class and episode, or as classes",
+        description="Omniglot rotations: drawn per class and episode, as classes, or none",
     ),
     hp.HParam("n_way", description="N, classes per task"),
     hp.HParam("k_shot", description="K, support examples per class (per task for regression)"),

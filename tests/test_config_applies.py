@@ -65,6 +65,10 @@ def parsed(*argv):
             "--rotation=classes: --split=lake has no rotations (only --split=maml)",
         ),
         (
+            ["--dataset=omniglot", "--split=lake", "--rotation=episode"],
+            "--rotation=episode: --split=lake has no rotations (only --split=maml)",
+        ),
+        (
             ["--dataset=sinusoid", "--learner=conv4"],
             "--learner=conv4: --dataset=sinusoid's inputs are scalars, which --learner=mlp takes",
         ),
@@ -104,7 +108,7 @@ def test_a_flag_the_run_would_ignore_is_refused(argv, message):
             "--data_dir=/tmp/d",
             "--cache_dir=/tmp/c",
             "--split=lake",
-            "--rotation=episode",
+            "--rotation=none",
             "--resample=nearest",
             "--n_way=20",
             "--image_size=32",
@@ -114,6 +118,8 @@ def test_a_flag_the_run_would_ignore_is_refused(argv, message):
             "--paper_network",
         ],
         ["--dataset=omniglot", "--rotation=classes"],
+        ["--dataset=omniglot", "--rotation=none"],
+        ["--dataset=omniglot", "--split=lake"],
         ["--dataset=folder", "--data_dir=/tmp/d", "--n_way=5", "--image_size=84"],
     ],
 )
@@ -133,14 +139,20 @@ def test_eval_refuses_an_override_the_saved_model_would_ignore(tmp_path):
         )
 
 
-def test_a_lake_split_config_saved_before_rotation_existed_still_loads(tmp_path):
-    # The lake split never rotated, so the legacy rule that gives maml-split configs "classes"
-    # must not give a lake config a rotation that it would then refuse.
+@pytest.mark.parametrize("saved", ["absent", "episode"])
+def test_a_lake_split_config_saved_before_none_existed_loads_as_none(tmp_path, saved):
+    # The lake split never rotated. Configs saved before the field existed lack it, and those
+    # saved before "none" existed recorded "episode"; both must load as what they trained on,
+    # not as "classes" (the legacy maml rule) or as a rotation the lake split now refuses.
     values = json.loads(Config(dataset="omniglot", split="lake").resolve().to_json())
-    del values["rotation"]
+    assert values["rotation"] == "none"
+    if saved == "absent":
+        del values["rotation"]
+    else:
+        values["rotation"] = saved
     path = tmp_path / "config.json"
     path.write_text(json.dumps(values))
-    assert Config.load(path).resolve().rotation == "episode"
+    assert Config.load(path).resolve().rotation == "none"
 
 
 def test_the_command_line_prints_one_line_and_no_traceback(tmp_path):

@@ -235,6 +235,19 @@ def test_maml_split_with_rotations_per_episode_keeps_the_characters_upright(data
         assert with_rotations.episode_rotations == (0, 90, 180, 270)
 
 
+def test_no_rotation_keeps_the_maml_split_upright(data):
+    upright = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2, rotation="none")
+    turned = omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2)
+    for without, with_rotations in zip(upright, turned, strict=True):
+        assert without.names == with_rotations.names
+        np.testing.assert_array_equal(without.images, with_rotations.images)
+        assert without.episode_rotations == (0,)
+    with pytest.raises(ValueError, match="rotation 'none' turns nothing"):
+        omniglot.omniglot_splits(
+            data, "maml", num_train=6, num_val=2, rotation="none", rotations=[0, 90]
+        )
+
+
 def test_an_unknown_rotation_is_refused(data):
     with pytest.raises(ValueError, match="rotation must be one of"):
         omniglot.omniglot_splits(data, "maml", num_train=6, num_val=2, rotation="both")
@@ -269,7 +282,8 @@ def test_lake_split_tests_on_evaluation_and_validates_on_whole_alphabets(data):
 
 
 @pytest.mark.parametrize(
-    "split,rotation", [("maml", "episode"), ("maml", "classes"), ("lake", "episode")]
+    "split,rotation",
+    [("maml", "episode"), ("maml", "classes"), ("maml", "none"), ("lake", "none")],
 )
 def test_training_episodes_never_touch_validation_or_test_images(data, split, rotation):
     splits = omniglot.omniglot_splits(

@@ -313,6 +313,8 @@ def omniglot_splits(
       first rotation, then all at the next) and named `"Alphabet/characterNN"` plus `"/rot90"`
       etc. for non-zero rotations. An episode may hold two rotations of one character as two
       classes; one that a rotation leaves unchanged (like "o") is then two identical classes.
+    - `"none"`: every character upright, whatever the split (`rotations` must then be None or
+      (0,)).
 
     Args:
         data: both Omniglot parts.
@@ -322,7 +324,7 @@ def omniglot_splits(
         num_val: `"maml"` only, meta-validation characters; the rest are meta-test.
         val_alphabets: `"lake"` only, background alphabets held out for meta-validation.
         rotations: angles in degrees, multiples of 90; None for the split's default.
-        rotation: `"episode"` or `"classes"`, see above.
+        rotation: `"episode"`, `"classes"` or `"none"`, see above.
 
     Returns:
         `Splits` of uint8 `[classes, 20, 28, 28, 1]` images with their class names.
@@ -367,8 +369,12 @@ def omniglot_splits(
     else:
         raise ValueError(f"split must be 'maml' or 'lake', got {split!r}")
 
+    if rotation == "none":
+        if rotations is not None and tuple(rotations) != (0,):
+            raise ValueError(f"rotation 'none' turns nothing, got rotations {tuple(rotations)}")
+        default_rotations = (0,)
     rotations = check_rotations(default_rotations if rotations is None else rotations)
-    if rotation == "episode":
+    if rotation != "classes":
         splits = Splits(
             *(
                 make_split(images[indices], [names[i] for i in indices], None, rotations)
@@ -377,14 +383,19 @@ def omniglot_splits(
         )
     else:
         splits = Splits(*(_rotated(images, names, indices, rotations) for indices in groups))
+    if rotations == (0,):
+        augmented = "upright, no rotations"
+    elif rotation == "classes":
+        augmented = f"rotations {rotations} as classes"
+    else:
+        augmented = f"rotations {rotations} drawn per class and episode"
     for split_name, values in zip(Splits._fields, splits, strict=True):
         logging.info(
-            "Omniglot %r split, meta-%s: %d classes, rotations %s %s",
+            "Omniglot %r split, meta-%s: %d classes, %s",
             split,
             split_name,
             len(values.names),
-            rotations,
-            "drawn per class and episode" if rotation == "episode" else "as classes",
+            augmented,
         )
     return splits
 
