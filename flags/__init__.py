@@ -327,9 +327,9 @@ def define_flags(flag_values=flags.FLAGS):
     define(
         "bool",
         "baseline",
-        True,
-        "Sinusoid: also train and meta-test the paper's baseline "
-        "(pretrained on the same tasks without meta-learning, then fine-tuned).",
+        None,
+        "Sinusoid only: also train and meta-test the paper's baseline "
+        "(pretrained on the same tasks without meta-learning, then fine-tuned). Default: on.",
     )
     define(
         "enum",

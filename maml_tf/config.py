@@ -86,7 +86,8 @@ class Config:
         offsets β learned by the outer loop only, and an N(0, 1) output kernel
         (`maml_tf.learners.conv4`).
       task_loop: "auto", "batched", "map" or "unroll", see `maml_tf.MAML`.
-      baseline: also train and evaluate the paper's pretrained baseline (sinusoid).
+      baseline: also train and evaluate the paper's pretrained baseline (sinusoid only; None:
+        True there).
       checkpoint: which weights meta-testing uses: "best" (best validation score) or "final".
       clip_value: clip each meta-gradient element to [−clip_value, clip_value] before the
         meta-update (the paper's code used 10 for miniImageNet), or None.
@@ -149,7 +150,7 @@ class Config:
     filters: int | None = None
     paper_network: bool = False
     task_loop: str | None = None
-    baseline: bool = True
+    baseline: bool | None = None
     checkpoint: str = "best"
     clip_value: float | None = None
     clip_norm: float | None = None
@@ -238,9 +239,13 @@ def with_legacy_fields(values):
       A new dict: an Omniglot config of the maml split without `rotation` gets "classes", what
       runs and searches did before the field existed (rotated characters as classes); one of
       the lake split gets "none", what it always did, also in place of the "episode" that
-      configs saved before "none" existed recorded for it.
+      configs saved before "none" existed recorded for it; `baseline`, once saved as True for
+      every data set, is None outside sinusoid, the only one that reads it.
     """
     values = dict(values)
+    # Configs saved before only sinusoid could set it held True for every data set.
+    if values.get("dataset", "sinusoid") != "sinusoid":
+        values["baseline"] = None
     if values.get("dataset") == "omniglot":
         if values.get("split", "maml") == "maml":
             values.setdefault("rotation", "classes")
@@ -259,11 +264,19 @@ DATASET_FIELDS = {
     "cache_dir": (("omniglot",), None),
     "n_way": (("omniglot", "folder"), None),
     "image_size": (("omniglot", "folder"), None),
+    "baseline": (("sinusoid",), None),
 }
 # The learner each data set's inputs need: sinusoid's x is a scalar, the others are images.
 DATASET_LEARNERS = {"sinusoid": "mlp", "omniglot": "conv4", "folder": "conv4"}
 # Fields that only conv4 reads, and their value when not set.
 CONV4_FIELDS = {"conv_variant": None, "filters": None, "paper_network": False}
+
+
+def _flag(name, value):
+    """How `value` of the field `name` is written on the command line."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    return f"--{name}={value}"
 
 
 def dataset_reads(name, dataset):
@@ -291,7 +304,7 @@ def check_applies(config):
             only = " and ".join(f"--dataset={reader}" for reader in readers)
             verb = "reads" if len(readers) == 1 else "read"
             raise UserError(
-                f"--{name}={value}: only {only} {verb} it; this run's --dataset is {dataset}"
+                f"{_flag(name, value)}: only {only} {verb} it; this run's --dataset is {dataset}"
             )
     if dataset == "omniglot" and config.cache_dir is not None and not config.data_dir:
         raise UserError(
@@ -313,8 +326,9 @@ def check_applies(config):
         for name, unset in CONV4_FIELDS.items():
             value = getattr(config, name)
             if value != unset:
-                flag = f"--{name}" if value is True else f"--{name}={value}"
-                raise UserError(f"{flag}: only --learner=conv4 reads it; this run's is mlp")
+                raise UserError(
+                    f"{_flag(name, value)}: only --learner=conv4 reads it; this run's is mlp"
+                )
 
 
 def _sinusoid_defaults(config):
@@ -332,6 +346,7 @@ def _sinusoid_defaults(config):
         "val_tasks": 100,
         "learner": "mlp",
         "task_loop": "auto",
+        "baseline": True,
     }
 
 

@@ -504,7 +504,7 @@ def train(config):
     logging.info("meta-training took %.1f s", train_seconds)
 
     baseline = baseline_inner_lr = None
-    if config.baseline and config.dataset == "sinusoid":
+    if config.baseline:
         baseline, baseline_inner_lr = _train_baseline(config, datasets)
     result = _finish(
         config,

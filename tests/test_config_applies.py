@@ -69,6 +69,14 @@ def parsed(*argv):
             "--rotation=episode: --split=lake has no rotations (only --split=maml)",
         ),
         (
+            ["--dataset=omniglot", "--baseline"],
+            "--baseline: only --dataset=sinusoid reads it; this run's --dataset is omniglot",
+        ),
+        (
+            ["--dataset=folder", "--nobaseline"],
+            "--nobaseline: only --dataset=sinusoid reads it; this run's --dataset is folder",
+        ),
+        (
             ["--dataset=sinusoid", "--learner=conv4"],
             "--learner=conv4: --dataset=sinusoid's inputs are scalars, which --learner=mlp takes",
         ),
@@ -219,3 +227,17 @@ def test_the_flag_error_is_one_line_before_tensorflow_loads(tmp_path):
         "--mode=train"
     ) in result.stderr.splitlines()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_saved_when_every_data_set_had_baseline_true_still_loads(tmp_path):
+    # Before --baseline applied to sinusoid alone, every run saved "baseline": true; an
+    # Omniglot run or shipped model saved then must still meta-test and continue.
+    values = json.loads(Config(dataset="omniglot").resolve().to_json())
+    assert values["baseline"] is None
+    values["baseline"] = True
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    loaded = Config.load(path)
+    assert loaded.baseline is None
+    assert loaded.resolve() == Config(dataset="omniglot").resolve()
+    assert Config(dataset="sinusoid").resolve().baseline is True
