@@ -36,7 +36,7 @@ AGAIN = {
     "eval": "nothing was written; run the same command again to meta-test",
     "export": "--export_dir is as it was before; run the same command again to export",
     "tune": "the same command run again continues the search (the trial that was running "
-    "starts again)",
+    "from its last save)",
 }
 
 

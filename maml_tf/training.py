@@ -151,42 +151,11 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         saver,
         checkpoints.StopOnSignal(stop),
     ]
-    # Keras epochs cannot start part-way, so a run killed mid-epoch first finishes that epoch
-    # with a shorter `fit`, then runs the remaining whole epochs.
     epochs = config.train_steps // steps_per_epoch
-    epoch, into_epoch = divmod(done, steps_per_epoch)
-    segments = []
-    if into_epoch:
-        segments.append((epoch, steps_per_epoch - into_epoch))
-        # Its progress line shows only the number of meta-updates left, not how many are done.
-        logging.info(
-            "meta-update %d is part-way through epoch %d of %d: its last %d meta-updates run "
-            "first, then the remaining epochs",
-            done,
-            epoch + 1,
-            epochs,
-            steps_per_epoch - into_epoch,
-        )
-        epoch += 1
-    if epoch < epochs:
-        segments.append((epoch, steps_per_epoch))
     try:
         with stop:
             try:
-                for first_epoch, steps in segments:
-                    # The short fit is given the run's epoch count, so that Keras shows
-                    # "Epoch 18/60" rather than "Epoch 18/18", and stops itself after one epoch.
-                    short = [_StopAfterEpoch()] if steps < steps_per_epoch else []
-                    model.fit(
-                        datasets.train_from(state.step),
-                        initial_epoch=first_epoch,
-                        epochs=epochs,
-                        steps_per_epoch=steps,
-                        validation_data=datasets.val,
-                        callbacks=callbacks + short,
-                        shuffle=False,
-                        verbose=config.verbose,
-                    )
+                fit_from(model, datasets, done, epochs, steps_per_epoch, callbacks, config.verbose)
             except checkpoints.StopRequested as request:
                 saver.save()
                 # Closes its writers, as the train end that the raise skipped would have.
@@ -221,6 +190,62 @@ class _StopAfterEpoch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.model.stop_training = True
+
+
+def fit_from(model, datasets, done, epochs, steps_per_epoch, callbacks, verbose):
+    """`model.fit` from meta-update `done` to the end of epoch `epochs`, on the training stream.
+
+    Keras epochs cannot start part-way, so a run stopped mid-epoch first finishes that epoch
+    with a shorter `fit`, then runs the remaining whole epochs. The stream starts at episode
+    batch `done`, the one the uninterrupted run would meet next.
+
+    Args:
+      model: a compiled `MAML`, its state restored to meta-update `done`.
+      datasets: `build_datasets(config)`.
+      done: meta-updates already done, counted from the start of epoch 0.
+      epochs: the epoch to end at.
+      steps_per_epoch: meta-updates per epoch.
+      callbacks: Keras callbacks for every `fit`.
+      verbose: Keras progress output.
+
+    Returns:
+      The `keras.callbacks.History` of each `fit`, in order (none when `done` is the end).
+    """
+    epoch, into_epoch = divmod(done, steps_per_epoch)
+    segments = []
+    if into_epoch:
+        segments.append((epoch, steps_per_epoch - into_epoch))
+        # Its progress line shows only the number of meta-updates left, not how many are done.
+        logging.info(
+            "meta-update %d is part-way through epoch %d of %d: its last %d meta-updates run "
+            "first, then the remaining epochs",
+            done,
+            epoch + 1,
+            epochs,
+            steps_per_epoch - into_epoch,
+        )
+        epoch += 1
+    if epoch < epochs:
+        segments.append((epoch, steps_per_epoch))
+    histories = []
+    for first_epoch, steps in segments:
+        # The short fit is given the run's epoch count, so that Keras shows "Epoch 18/60"
+        # rather than "Epoch 18/18", and stops itself after one epoch.
+        short = [_StopAfterEpoch()] if steps < steps_per_epoch else []
+        histories.append(
+            model.fit(
+                datasets.train_from(done),
+                initial_epoch=first_epoch,
+                epochs=epochs,
+                steps_per_epoch=steps,
+                validation_data=datasets.val,
+                callbacks=[*callbacks, *short],
+                shuffle=False,
+                verbose=verbose,
+            )
+        )
+        done = (first_epoch + 1) * steps_per_epoch
+    return histories
 
 
 def _stopped(signum, state):

@@ -9,6 +9,8 @@ A search writes under its directory (`MODEL_DIR/tuning` by default):
 
     search.json          what the search is (run config and search space); checked on resume
     trials/              keras-tuner's state: oracle.json, trial_<id>/trial.json, weights
+    trials/trial_<id>/checkpoints/ the trial's training state, saved as a run's is
+    trials/trial_<id>/history.json its epochs' logs (scores), kept across stops
     trials/trial_<id>/error.txt    the traceback of a trial that failed
     logs/                TensorBoard: `tensorboard --logdir DIR/logs`, HParams dashboard
     logs/trial_<id>/     one trial's scalars (train/, validation/) and hyperparameter values
@@ -16,7 +18,9 @@ A search writes under its directory (`MODEL_DIR/tuning` by default):
     best.flags           the best trial as flags: `python main.py --flagfile=DIR/best.flags`
 
 Running the same search again continues it: finished trials are kept, a trial that was
-interrupted or failed is re-run from its start, and `max_trials` may grow. A search whose
+interrupted or failed continues from its last save (every `checkpoint_every` meta-updates and
+epoch end, as a run's), scored on all its epochs, and `max_trials` may grow. The first SIGTERM
+or SIGINT ends the trial under way at the end of its meta-update, with a save there. A search whose
 space or run config changed is refused (keras-tuner would silently keep the old space).
 
 A trial whose losses become NaN or infinite (α or β too large) is recorded as diverged and the
@@ -30,18 +34,20 @@ import json
 import math
 import os
 import shutil
+import signal
 import traceback
 
 import keras
 import keras_tuner as kt
 import tensorflow as tf
 from absl import logging
+from keras_tuner.src.engine import tuner_utils
 from tensorboard.plugins.hparams import api as hparams_api
 
 from maml_tf import checkpoints, monitoring, training
 from maml_tf.config import TUNERS, TUNING_FIELDS, dataset_reads, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
-from maml_tf.errors import UserError
+from maml_tf.errors import Stopped, UserError
 
 PROJECT = "trials"
 LOG_DIR = "logs"
@@ -49,6 +55,7 @@ SEARCH_FILE = "search.json"
 FLAGFILE = "best.flags"
 TRIALS_TABLE = "trials.md"
 ERROR_FILE = "error.txt"
+HISTORY_FILE = "history.json"
 DIVERGED = "diverged"
 
 # The hyperparameters a trial sets, named as their flags.
@@ -284,14 +291,20 @@ class MamlHyperModel(kt.HyperModel):
       space: the resolved `SearchSpace`.
       datasets: `build_datasets(config)`.
       log_dir: TensorBoard directory of the search; trial `i` logs to `log_dir/trial_<i>`.
+      trials_dir: keras-tuner's project directory; trial `i` saves its state under
+        `trials_dir/trial_<i>`.
+      stop_requests: an entered `checkpoints.StopRequests` whose signal stops the trial under
+        way with a save (`TrialStopped`), or None.
     """
 
-    def __init__(self, config, space, datasets, log_dir):
+    def __init__(self, config, space, datasets, log_dir, trials_dir, stop_requests=None):
         super().__init__(name="maml", tunable=True)
         self.config = config
         self.space = space
         self.datasets = datasets
         self.log_dir = log_dir
+        self.trials_dir = trials_dir
+        self.stop_requests = stop_requests
         self.steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
         self.epochs = config.train_steps // self.steps_per_epoch
         self.monitor, self.mode = training._monitor(config)
@@ -317,50 +330,140 @@ class MamlHyperModel(kt.HyperModel):
         return model
 
     def fit(self, hp, model, trial_id, callbacks=(), epochs=None, initial_epoch=0, verbose=None):
-        """Meta-trains `model` for the trial; returns the Keras `History`.
+        """Meta-trains `model` for the trial, continuing from the trial's last save if any.
+
+        The trial's state (θ, Adam's slots, the meta-update count) is saved under
+        `trials/trial_<id>/checkpoints` as a run's is (`checkpoint_every`, each epoch end), and
+        each epoch's logs in `trials/trial_<id>/history.json`; a trial that was stopped or
+        failed continues from there when the search runs again, with the scores of its
+        earlier epochs, rather than starting over.
 
         Args:
           hp: the trial's `HyperParameters`.
           model: the compiled model of `build(hp)` (hyperband: with the weights of the trial
             it continues).
-          trial_id: keras-tuner's trial id, names the trial's TensorBoard directory.
+          trial_id: keras-tuner's trial id, names the trial's directories.
           callbacks: keras-tuner's callbacks (best-epoch weights, progress).
           epochs: the epoch to stop at (hyperband); default: the whole budget.
           initial_epoch: the epoch to start from (hyperband, when continuing a trial).
           verbose: Keras progress output (default: the config's).
 
+        Returns:
+          A `keras.callbacks.History` of every epoch of the trial, before and after a stop.
+
         Raises:
           checkpoints.NonFiniteError: the training or validation losses were not finite.
+          TrialStopped: a stop signal arrived (`stop_requests`); the trial's state is saved.
         """
+        trial_dir = os.path.join(self.trials_dir, f"trial_{trial_id}")
         log_dir = os.path.join(self.log_dir, f"trial_{trial_id}")
-        # A re-run trial (interrupted, or stopped by an error) starts again from scratch.
-        shutil.rmtree(log_dir, ignore_errors=True)
-        values = {self.hparams[name]: value for name, value in _values(hp).items()}
-        writer = tf.summary.create_file_writer(log_dir)
-        with writer.as_default():
-            hparams_api.hparams(values, trial_id=f"trial_{trial_id}")
-        writer.close()
-
-        history = model.fit(
-            self.datasets.train_from(initial_epoch * self.steps_per_epoch),
-            initial_epoch=initial_epoch,
-            epochs=epochs or self.epochs,
-            steps_per_epoch=self.steps_per_epoch,
-            validation_data=self.datasets.val,
-            callbacks=[
-                checkpoints.StopOnNonFinite(),
-                *callbacks,
-                monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
-            ],
-            shuffle=False,
-            verbose=self.config.verbose if verbose is None else verbose,
+        state = checkpoints.TrainingState(
+            os.path.join(trial_dir, checkpoints.CHECKPOINT_DIR),
+            model,
+            keep=self.config.keep_checkpoints,
+            mode=self.mode,
         )
+        # A hyperband trial that continues another starts its own count at `initial_epoch`.
+        first_update = initial_epoch * self.steps_per_epoch
+        done = first_update + state.restore()
+        history_path = os.path.join(trial_dir, HISTORY_FILE)
+        earlier = _read_history(history_path) if done > first_update else {}
+        if done > first_update:
+            logging.info("trial %s continues from its save at meta-update %d", trial_id, done)
+            best = _best_score(earlier, self.monitor, self.mode)
+            # keras-tuner's best-epoch weights must not be replaced by a worse epoch after the
+            # stop (hyperband continues a trial from them).
+            for callback in callbacks:
+                if isinstance(callback, tuner_utils.SaveBestEpoch) and best is not None:
+                    callback.best_value = best
+        else:
+            # Started from scratch: no logs of an earlier attempt may remain.
+            shutil.rmtree(log_dir, ignore_errors=True)
+            values = {self.hparams[name]: value for name, value in _values(hp).items()}
+            writer = tf.summary.create_file_writer(log_dir)
+            with writer.as_default():
+                hparams_api.hparams(values, trial_id=f"trial_{trial_id}")
+            writer.close()
+
+        tensorboard = monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False)
+        saver = checkpoints.SaveTrainingState(
+            state, self.config.checkpoint_every or self.steps_per_epoch, self.monitor
+        )
+        stop = self.stop_requests
+        if stop is not None and stop.signum is not None:
+            # Between two trials: this one has not started.
+            raise TrialStopped(trial_id, stop.signum, done)
+        try:
+            training.fit_from(
+                model,
+                self.datasets,
+                done,
+                epochs or self.epochs,
+                self.steps_per_epoch,
+                [
+                    checkpoints.StopOnNonFinite(),
+                    *callbacks,
+                    tensorboard,
+                    # Before the saver: an epoch whose logs are written but whose save is not
+                    # is run again, and its logs replaced.
+                    _RecordHistory(history_path, earlier),
+                    saver,
+                    *([checkpoints.StopOnSignal(stop)] if stop is not None else []),
+                ],
+                self.config.verbose if verbose is None else verbose,
+            )
+        except checkpoints.StopRequested as request:
+            saver.save()
+            tensorboard.on_train_end()
+            raise TrialStopped(trial_id, request.signum, first_update + state.step) from None
+        history = _as_history(earlier)
         for name in dict.fromkeys(["val_query_loss", self.monitor]):
             for value in history.history.get(name, []):
                 if not math.isfinite(value):
                     step = int(model.optimizer.iterations.numpy())
                     raise checkpoints.NonFiniteError(step, f"the validation {name[4:]} ({value})")
         return history
+
+
+class _RecordHistory(keras.callbacks.Callback):
+    """Writes each epoch's logs into `epochs` ({epoch: logs}) and to `path` (JSON), atomically."""
+
+    def __init__(self, path, epochs):
+        super().__init__()
+        self.path = path
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs[epoch] = {name: float(value) for name, value in (logs or {}).items()}
+        _write(self.path, json.dumps({str(e): v for e, v in sorted(self.epochs.items())}))
+
+
+def _read_history(path):
+    """{epoch: logs} as `_RecordHistory` wrote them ({} when there is no file)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {int(epoch): logs for epoch, logs in json.load(f).items()}
+
+
+def _best_score(epochs, monitor, mode):
+    scores = [
+        logs[monitor] for logs in epochs.values() if math.isfinite(logs.get(monitor, math.nan))
+    ]
+    if not scores:
+        return None
+    return max(scores) if mode == "max" else min(scores)
+
+
+def _as_history(epochs):
+    """A `keras.callbacks.History` of {epoch: logs}, epochs in order (what keras-tuner scores)."""
+    history = keras.callbacks.History()
+    history.epoch = sorted(epochs)
+    names = dict.fromkeys(name for logs in epochs.values() for name in logs)
+    history.history = {
+        name: [epochs[e].get(name, math.nan) for e in history.epoch] for name in names
+    }
+    return history
 
 
 def _values(hp):
@@ -389,6 +492,26 @@ class TrialError(kt.errors.FatalError):
         self.traceback_path = traceback_path
         self.rerun = rerun
         super().__init__(f"trial {trial_id} ({_describe(values)}) failed: {reason}")
+
+
+class TrialStopped(kt.errors.FatalError):
+    """A stop signal ended the search during trial `trial_id`, with a save of the trial's state.
+
+    A `FatalError`, so that keras-tuner leaves the trial RUNNING in its saved state: the next
+    run of the search continues it from the save.
+
+    Attributes:
+      trial_id: keras-tuner's trial id.
+      signum: the signal's number.
+      step: the trial's meta-updates done (what the save holds).
+    """
+
+    def __init__(self, trial_id, signum, step):
+        self.trial_id = trial_id
+        self.signum = signum
+        self.step = step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} during trial {trial_id}, after its meta-update {step}")
 
 
 def _reason(error):
@@ -428,7 +551,7 @@ class _MamlTuner:
             )
             # FAILED without retries; the search goes on.
             raise kt.errors.FailedTrialError(f"{DIVERGED}: {error}") from error
-        except kt.errors.FailedTrialError:
+        except (kt.errors.FailedTrialError, TrialStopped):
             raise
         except Exception as error:
             path = os.path.join(self.get_trial_dir(trial.trial_id), ERROR_FILE)
@@ -632,7 +755,10 @@ def tune(config, space=None):
     Raises:
       UserError: bad flags or data, a search in the directory with other settings, a trial that
         failed (naming it and its error; running again re-runs it), or no trial that completed.
-      KeyboardInterrupt: the search was interrupted; running it again resumes it.
+      Stopped: a SIGTERM or SIGINT; the trial under way is saved, and running the search again
+        continues it from there.
+      KeyboardInterrupt: a second Ctrl-C; running the search again continues the trial under
+        way from its last save.
     """
     if space is None:
         space = SearchSpace.from_config(config)
@@ -648,14 +774,24 @@ def tune(config, space=None):
     _check_same_search(config, space)
     datasets = build_datasets(config)
     log_dir = os.path.join(space.directory, LOG_DIR)
-    hypermodel = MamlHyperModel(config, space, datasets, log_dir)
+    stop = checkpoints.StopRequests()
+    trials_dir = os.path.join(space.directory, PROJECT)
+    hypermodel = MamlHyperModel(config, space, datasets, log_dir, trials_dir, stop)
     _write_hparams_config(log_dir, hypermodel, config)
     tuner = _make_tuner(config, space, hypermodel)
     try:
-        tuner.search(verbose=config.verbose)
+        with stop:
+            tuner.search(verbose=config.verbose)
+    except TrialStopped as request:
+        raise Stopped(
+            f"{request}: saved in {os.path.join(trials_dir, f'trial_{request.trial_id}')}; run "
+            "the same command again to continue the search from there",
+            request.signum,
+            request.step,
+        ) from None
     except TrialError as error:
         again = (
-            f"re-runs trial {error.trial_id}"
+            f"continues trial {error.trial_id} from its last save"
             if error.rerun
             else f"goes on with other trials (trial {error.trial_id} stays failed)"
         )
@@ -665,7 +801,7 @@ def tune(config, space=None):
     except KeyboardInterrupt:
         logging.warning(
             "search in %s interrupted: run it again to continue it (the trial that was "
-            "running starts again)",
+            "running continues from its last save)",
             space.directory,
         )
         raise
@@ -707,6 +843,15 @@ def tune(config, space=None):
         best.score,
         flagfile,
     )
+    if stop.signum is not None:
+        # It came after the last trial's last check: the search is complete and written, but
+        # the user asked for the process to end.
+        name = signal.Signals(stop.signum).name
+        raise Stopped(
+            f"{name} after the search's last trial: it is complete, best flags in {flagfile}",
+            stop.signum,
+            None,
+        )
     return TuneResult(values, float(best.score), flagfile, table, space.directory)
 
 

@@ -4,9 +4,11 @@ import dataclasses
 import glob
 import json
 import os
+import signal
 
 import keras
 import pytest
+import tensorflow as tf
 from absl import flags as absl_flags
 from cli import run_main, stderr_tail
 from tfevents import events
@@ -14,7 +16,7 @@ from tfevents import events
 import flags
 from maml_tf import tuning
 from maml_tf.config import DATASET_FIELDS, TUNING_FIELDS, Config
-from maml_tf.errors import UserError
+from maml_tf.errors import Stopped, UserError
 
 SPACE = tuning.SearchSpace(
     max_trials=2,
@@ -186,6 +188,78 @@ def test_an_interrupted_trial_is_run_again_and_finished_ones_are_kept(tmp_path, 
     # The re-run trial's TensorBoard logs replace those of the interrupted run.
     train_logs = os.path.join(result.directory, "logs", "trial_1", "train")
     assert len(os.listdir(train_logs)) == 1
+
+
+class _AtBatchEnd(keras.callbacks.Callback):
+    """Counts a trial's meta-updates; raises `signum` after the `at`-th (never if None)."""
+
+    def __init__(self, counts, at=None, signum=signal.SIGTERM):
+        super().__init__()
+        self.counts, self.at, self.signum = counts, at, signum
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.counts.append(batch)
+        if len(self.counts) == self.at:
+            signal.raise_signal(self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_trial_continues_from_its_save_and_scores_as_if_never_stopped(
+    tmp_path, monkeypatch, signum
+):
+    # Three epochs of two meta-updates; the signal comes after trial 1's third, mid-epoch,
+    # one whole epoch (and its score) after its start.
+    overrides = {"train_steps": 6, "steps_per_epoch": 2, "checkpoint_every": 4}
+    whole = tuning.tune(_config(tmp_path / "whole", **overrides), SPACE)
+
+    counts = {}
+    stop_at = {"1": 3}
+    original = tuning.MamlHyperModel.fit
+
+    def fit(self, hp, model, trial_id, callbacks=(), **kwargs):
+        counts[trial_id] = counts.get(trial_id, [])
+        probe = _AtBatchEnd(counts[trial_id], stop_at.pop(trial_id, None), signum)
+        return original(self, hp, model, trial_id, callbacks=[*callbacks, probe], **kwargs)
+
+    monkeypatch.setattr(tuning.MamlHyperModel, "fit", fit)
+    config = _config(tmp_path / "stopped", **overrides)
+    with pytest.raises(Stopped) as raised:
+        tuning.tune(config, SPACE)
+
+    trial_dir = tmp_path / "stopped" / "tuning" / "trials" / "trial_1"
+    name = signal.Signals(signum).name
+    assert str(raised.value) == (
+        f"{name} during trial 1, after its meta-update 3: saved in {trial_dir}; run the same "
+        "command again to continue the search from there"
+    )
+    assert raised.value.signum == signum
+    # Saved at the meta-update it stopped at, not only at the periodic save (4).
+    assert os.path.basename(tf.train.latest_checkpoint(trial_dir / "checkpoints" / "latest")) == (
+        "ckpt-3"
+    )
+    assert _trials(str(tmp_path / "stopped" / "tuning")) == {"0": "COMPLETED", "1": "RUNNING"}
+    assert [len(c) for c in counts.values()] == [6, 3]
+
+    resumed = tuning.tune(config, SPACE)
+
+    # Only the three meta-updates it had left; then the same scores, epoch by epoch.
+    assert [len(c) for c in counts.values()] == [6, 6]
+    assert _trials(resumed.directory) == {"0": "COMPLETED", "1": "COMPLETED"}
+
+    def history(run):
+        return json.loads(
+            (tmp_path / run / "tuning" / "trials" / "trial_1" / "history.json").read_text()
+        )
+
+    assert history("stopped").keys() == history("whole").keys() == {"0", "1", "2"}
+    for epoch, logs in history("whole").items():
+        # The training means of the split epoch cover only its meta-update after the stop.
+        scores = {name: value for name, value in logs.items() if name.startswith("val_")}
+        assert scores and history("stopped")[epoch] == pytest.approx(
+            logs if epoch != "1" else history("stopped")[epoch] | scores, rel=1e-5
+        ), epoch
+    assert resumed.best_hyperparameters == whole.best_hyperparameters
+    assert resumed.best_score == pytest.approx(whole.best_score, rel=1e-5)
 
 
 def test_a_failing_trial_stops_the_search_naming_it_and_is_run_again(tmp_path, fits, monkeypatch):
