@@ -6,7 +6,9 @@ import json
 import os
 import signal
 
+import h5py
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
@@ -260,6 +262,59 @@ def test_a_stopped_trial_continues_from_its_save_and_scores_as_if_never_stopped(
         ), epoch
     assert resumed.best_hyperparameters == whole.best_hyperparameters
     assert resumed.best_score == pytest.approx(whole.best_score, rel=1e-5)
+    # keras-tuner's weights of the trial's best epoch (what hyperband continues from).
+    best_weights = [
+        _weight_arrays(tmp_path / run / "tuning" / "trials" / "trial_1" / "checkpoint.weights.h5")
+        for run in ("whole", "stopped")
+    ]
+    assert [name for name, _ in best_weights[0]] == [name for name, _ in best_weights[1]]
+    for (name, expected), (_, got) in zip(*best_weights, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_continued_trial_replaces_its_best_epoch_weights_only_with_a_better_epoch(
+    tmp_path, monkeypatch
+):
+    overrides = {"train_steps": 6, "steps_per_epoch": 2, "checkpoint_every": 4}
+    config = _config(tmp_path, **overrides)
+    space = dataclasses.replace(SPACE, max_trials=1)
+    original = tuning.MamlHyperModel.fit
+    stop_at = [3]
+
+    def fit(self, hp, model, trial_id, callbacks=(), **kwargs):
+        probe = _AtBatchEnd([], stop_at.pop() if stop_at else None)
+        return original(self, hp, model, trial_id, callbacks=[*callbacks, probe], **kwargs)
+
+    monkeypatch.setattr(tuning.MamlHyperModel, "fit", fit)
+    with pytest.raises(Stopped):
+        tuning.tune(config, space)
+    trial_dir = tmp_path / "tuning" / "trials" / "trial_0"
+    # Epoch 0, before the stop, made unbeatable: no epoch after the stop may replace its
+    # weights, as none would in a search that was never stopped.
+    history = json.loads((trial_dir / "history.json").read_text())
+    assert list(history) == ["0"]
+    history["0"]["val_query_loss"] = 0.0
+    (trial_dir / "history.json").write_text(json.dumps(history))
+    before = _weight_arrays(trial_dir / "checkpoint.weights.h5")
+
+    result = tuning.tune(config, space)
+
+    assert result.best_score == 0.0
+    after = _weight_arrays(trial_dir / "checkpoint.weights.h5")
+    assert [name for name, _ in after] == [name for name, _ in before]
+    for (name, expected), (_, got) in zip(before, after, strict=True):
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+def _weight_arrays(path):
+    arrays = []
+    with h5py.File(path) as f:
+        f.visititems(
+            lambda name, item: (
+                arrays.append((name, item[()])) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+    return arrays
 
 
 def test_a_failing_trial_stops_the_search_naming_it_and_is_run_again(tmp_path, fits, monkeypatch):
