@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 
-import h5py
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from cli import ROOT, run_main, run_script, stderr_tail
 from tfevents import events
+from weights import weight_arrays
 
 from maml_tf import checkpoints, learners, training
 from maml_tf.config import Config
@@ -61,17 +61,6 @@ def saved_iterations(model_dir):
             "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
         )
     )
-
-
-def weight_arrays(path):
-    arrays = []
-    with h5py.File(path) as f:
-        f.visititems(
-            lambda name, item: (
-                arrays.append((name, item[()])) if isinstance(item, h5py.Dataset) else None
-            )
-        )
-    return arrays
 
 
 def signal_after_first_save(model_dir, log_path, signum):

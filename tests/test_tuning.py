@@ -6,7 +6,6 @@ import json
 import os
 import signal
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import tensorflow as tf
 from absl import flags as absl_flags
 from cli import run_main, stderr_tail
 from tfevents import events
+from weights import weight_arrays
 
 import flags
 from maml_tf import tuning
@@ -264,7 +264,7 @@ def test_a_stopped_trial_continues_from_its_save_and_scores_as_if_never_stopped(
     assert resumed.best_score == pytest.approx(whole.best_score, rel=1e-5)
     # keras-tuner's weights of the trial's best epoch (what hyperband continues from).
     best_weights = [
-        _weight_arrays(tmp_path / run / "tuning" / "trials" / "trial_1" / "checkpoint.weights.h5")
+        weight_arrays(tmp_path / run / "tuning" / "trials" / "trial_1" / "checkpoint.weights.h5")
         for run in ("whole", "stopped")
     ]
     assert [name for name, _ in best_weights[0]] == [name for name, _ in best_weights[1]]
@@ -295,26 +295,15 @@ def test_a_continued_trial_replaces_its_best_epoch_weights_only_with_a_better_ep
     assert list(history) == ["0"]
     history["0"]["val_query_loss"] = 0.0
     (trial_dir / "history.json").write_text(json.dumps(history))
-    before = _weight_arrays(trial_dir / "checkpoint.weights.h5")
+    before = weight_arrays(trial_dir / "checkpoint.weights.h5")
 
     result = tuning.tune(config, space)
 
     assert result.best_score == 0.0
-    after = _weight_arrays(trial_dir / "checkpoint.weights.h5")
+    after = weight_arrays(trial_dir / "checkpoint.weights.h5")
     assert [name for name, _ in after] == [name for name, _ in before]
     for (name, expected), (_, got) in zip(before, after, strict=True):
         np.testing.assert_array_equal(got, expected, err_msg=name)
-
-
-def _weight_arrays(path):
-    arrays = []
-    with h5py.File(path) as f:
-        f.visititems(
-            lambda name, item: (
-                arrays.append((name, item[()])) if isinstance(item, h5py.Dataset) else None
-            )
-        )
-    return arrays
 
 
 def test_a_failing_trial_stops_the_search_naming_it_and_is_run_again(tmp_path, fits, monkeypatch):
