@@ -20,8 +20,8 @@ A search writes under its directory (`MODEL_DIR/tuning` by default):
 Running the same search again continues it: finished trials are kept, a trial that was
 interrupted or failed continues from its last save (every `checkpoint_every` meta-updates and
 epoch end, as a run's), scored on all its epochs, and `max_trials` may grow. The first SIGTERM
-or SIGINT ends the trial under way at the end of its meta-update, with a save there. A search whose
-space or run config changed is refused (keras-tuner would silently keep the old space).
+or SIGINT ends the trial under way at the end of its meta-update, with a save there. A search
+whose space or run config changed is refused (keras-tuner would silently keep the old space).
 
 A trial whose losses become NaN or infinite (α or β too large) is recorded as diverged and the
 search goes on; any other error in a trial stops the search with `UserError` naming the trial.
@@ -476,8 +476,8 @@ class TrialError(kt.errors.FatalError):
 
     keras-tuner does not catch a `FatalError`. Raised from `run_trial` (an error while building
     or training), the trial stays RUNNING in keras-tuner's saved state and the next run of the
-    search re-runs it (`rerun`); raised after keras-tuner itself marked the trial FAILED (an
-    error while it read the results), the trial stays failed.
+    search continues it from its last save (`rerun`); raised after keras-tuner itself marked
+    the trial FAILED (an error while it read the results), the trial stays failed.
 
     Args:
       trial_id: keras-tuner's trial id.
@@ -754,7 +754,7 @@ def tune(config, space=None):
 
     Raises:
       UserError: bad flags or data, a search in the directory with other settings, a trial that
-        failed (naming it and its error; running again re-runs it), or no trial that completed.
+        failed (naming it and its error; running again continues it), or no trial that completed.
       Stopped: a SIGTERM or SIGINT; the trial under way is saved, and running the search again
         continues it from there.
       KeyboardInterrupt: a second Ctrl-C; running the search again continues the trial under
