@@ -355,6 +355,10 @@ class MamlHyperModel(kt.HyperModel):
           checkpoints.NonFiniteError: the training or validation losses were not finite.
           TrialStopped: a stop signal arrived (`stop_requests`); the trial's state is saved.
         """
+        stop = self.stop_requests
+        if stop is not None and stop.signum is not None:
+            # It came between two trials: stop before this one touches its files.
+            raise TrialStopped(trial_id, stop.signum, initial_epoch * self.steps_per_epoch)
         trial_dir = os.path.join(self.trials_dir, f"trial_{trial_id}")
         log_dir = os.path.join(self.log_dir, f"trial_{trial_id}")
         state = checkpoints.TrainingState(
@@ -389,10 +393,6 @@ class MamlHyperModel(kt.HyperModel):
         saver = checkpoints.SaveTrainingState(
             state, self.config.checkpoint_every or self.steps_per_epoch, self.monitor
         )
-        stop = self.stop_requests
-        if stop is not None and stop.signum is not None:
-            # Between two trials: this one has not started.
-            raise TrialStopped(trial_id, stop.signum, done)
         try:
             training.fit_from(
                 model,
