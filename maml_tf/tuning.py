@@ -358,7 +358,7 @@ class MamlHyperModel(kt.HyperModel):
         stop = self.stop_requests
         if stop is not None and stop.signum is not None:
             # It came between two trials: stop before this one touches its files.
-            raise TrialStopped(trial_id, stop.signum, initial_epoch * self.steps_per_epoch)
+            raise TrialStopped(trial_id, stop.signum, None)
         trial_dir = os.path.join(self.trials_dir, f"trial_{trial_id}")
         log_dir = os.path.join(self.log_dir, f"trial_{trial_id}")
         state = checkpoints.TrainingState(
@@ -498,12 +498,13 @@ class TrialStopped(kt.errors.FatalError):
     """A stop signal ended the search during trial `trial_id`, with a save of the trial's state.
 
     A `FatalError`, so that keras-tuner leaves the trial RUNNING in its saved state: the next
-    run of the search continues it from the save.
+    run of the search continues it from the save (or starts it, if it had not begun).
 
     Attributes:
       trial_id: keras-tuner's trial id.
       signum: the signal's number.
-      step: the trial's meta-updates done (what the save holds).
+      step: the trial's meta-updates done (what the save holds), or None if the signal came
+        before the trial began (nothing of it is saved).
     """
 
     def __init__(self, trial_id, signum, step):
@@ -511,7 +512,22 @@ class TrialStopped(kt.errors.FatalError):
         self.signum = signum
         self.step = step
         name = signal.Signals(signum).name
-        super().__init__(f"{name} during trial {trial_id}, after its meta-update {step}")
+        if step is None:
+            super().__init__(f"{name} before trial {trial_id} began")
+        else:
+            super().__init__(f"{name} during trial {trial_id}, after its meta-update {step}")
+
+
+class TrialUserError(kt.errors.FatalError):
+    """A `UserError` in trial `trial_id` (e.g. its save cannot be read): the search stops.
+
+    Not a failed trial: its message already says what to fix, and the next run of the search
+    runs the trial again once it is fixed.
+    """
+
+    def __init__(self, trial_id, values, error):
+        self.trial_id = trial_id
+        super().__init__(f"trial {trial_id} ({_describe(values)}): {error}")
 
 
 def _reason(error):
@@ -553,6 +569,8 @@ class _MamlTuner:
             raise kt.errors.FailedTrialError(f"{DIVERGED}: {error}") from error
         except (kt.errors.FailedTrialError, TrialStopped):
             raise
+        except UserError as error:
+            raise TrialUserError(trial.trial_id, _values(trial.hyperparameters), error) from None
         except Exception as error:
             path = os.path.join(self.get_trial_dir(trial.trial_id), ERROR_FILE)
             with open(path, "w") as f:
@@ -783,12 +801,18 @@ def tune(config, space=None):
         with stop:
             tuner.search(verbose=config.verbose)
     except TrialStopped as request:
+        saved = (
+            f"saved in {os.path.join(trials_dir, f'trial_{request.trial_id}')}; "
+            if request.step is not None
+            else ""
+        )
         raise Stopped(
-            f"{request}: saved in {os.path.join(trials_dir, f'trial_{request.trial_id}')}; run "
-            "the same command again to continue the search from there",
+            f"{request}: {saved}run the same command again to continue the search from there",
             request.signum,
             request.step,
         ) from None
+    except TrialUserError as error:
+        raise UserError(str(error)) from None
     except TrialError as error:
         again = (
             f"continues trial {error.trial_id} from its last save"

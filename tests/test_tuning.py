@@ -306,6 +306,81 @@ def test_a_continued_trial_replaces_its_best_epoch_weights_only_with_a_better_ep
         np.testing.assert_array_equal(got, expected, err_msg=name)
 
 
+def test_a_stop_between_two_trials_ends_the_search_before_the_next_one_begins(
+    tmp_path, monkeypatch
+):
+    whole = tuning.tune(_config(tmp_path / "whole"), SPACE)
+
+    original = tuning.MamlHyperModel.fit
+    calls = []
+
+    def fit(self, hp, model, trial_id, **kwargs):
+        calls.append(trial_id)
+        history = original(self, hp, model, trial_id, **kwargs)
+        if trial_id == "0":
+            signal.raise_signal(signal.SIGTERM)  # after its last meta-update: between trials
+        return history
+
+    monkeypatch.setattr(tuning.MamlHyperModel, "fit", fit)
+    config = _config(tmp_path / "stopped")
+    with pytest.raises(Stopped) as raised:
+        tuning.tune(config, SPACE)
+
+    # Nothing of trial 1 was saved, so the message points at no save.
+    assert str(raised.value) == (
+        "SIGTERM before trial 1 began: run the same command again to continue the search from there"
+    )
+    assert raised.value.step is None
+    assert calls == ["0", "1"]
+    assert _trials(str(tmp_path / "stopped" / "tuning")) == {"0": "COMPLETED", "1": "RUNNING"}
+    trial_dir = tmp_path / "stopped" / "tuning" / "trials" / "trial_1"
+    assert not (trial_dir / "checkpoints").exists()
+    assert not (tmp_path / "stopped" / "tuning" / "logs" / "trial_1").exists()
+
+    resumed = tuning.tune(config, SPACE)
+
+    assert calls == ["0", "1", "1"]
+    assert _trials(resumed.directory) == {"0": "COMPLETED", "1": "COMPLETED"}
+    assert resumed.best_hyperparameters == whole.best_hyperparameters
+    assert resumed.best_score == pytest.approx(whole.best_score, rel=1e-5)
+
+
+def test_a_trial_whose_save_cannot_be_read_stops_the_search_with_one_line(tmp_path, monkeypatch):
+    overrides = {"train_steps": 6, "steps_per_epoch": 2, "checkpoint_every": 4}
+    config = _config(tmp_path, **overrides)
+    original = tuning.MamlHyperModel.fit
+    stop_at = {"1": 3}
+
+    def fit(self, hp, model, trial_id, callbacks=(), **kwargs):
+        probe = _AtBatchEnd([], stop_at.pop(trial_id, None))
+        return original(self, hp, model, trial_id, callbacks=[*callbacks, probe], **kwargs)
+
+    monkeypatch.setattr(tuning.MamlHyperModel, "fit", fit)
+    with pytest.raises(Stopped):
+        tuning.tune(config, SPACE)
+    trial_dir = tmp_path / "tuning" / "trials" / "trial_1"
+    saves = trial_dir / "checkpoints" / "latest"
+    for path in saves.glob("ckpt-*"):
+        path.write_bytes(b"not a checkpoint")
+
+    with pytest.raises(UserError) as raised:
+        tuning.tune(config, SPACE)
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("trial 1 (α=")
+    assert f"{saves}: no checkpoint can be read" in message
+    assert message.endswith("move the directory away to start the run over")
+    # Not recorded as failed: once the save is moved away, the trial starts over and finishes.
+    assert _trials(str(tmp_path / "tuning")) == {"0": "COMPLETED", "1": "RUNNING"}
+    assert not (trial_dir / "error.txt").exists()
+
+    os.rename(trial_dir / "checkpoints", tmp_path / "unreadable")
+    result = tuning.tune(config, SPACE)
+
+    assert _trials(result.directory) == {"0": "COMPLETED", "1": "COMPLETED"}
+
+
 def test_a_failing_trial_stops_the_search_naming_it_and_is_run_again(tmp_path, fits, monkeypatch):
     original = tuning.training.build_learner
     builds = []
