@@ -20,7 +20,7 @@ from cli import ROOT, run_main, run_script, stderr_tail
 from tfevents import events
 from weights import weight_arrays
 
-from maml_tf import checkpoints, learners, training
+from maml_tf import checkpoints, learners, monitoring, training
 from maml_tf.config import Config
 from maml_tf.data import sinusoid
 from maml_tf.errors import UserError
@@ -275,6 +275,22 @@ def test_the_resumed_run_describes_itself_in_its_logs_once(runs):
     for name in ("killed_dir", "reference_dir"):
         counts = collections.Counter(value.tag for _, _, value in events(runs[name] / "logs"))
         assert [counts.get(tag) for tag in once] == [1, 1, 1], name
+
+
+def test_the_resumed_runs_plot_and_validate_each_epoch_once_as_the_uninterrupted_one(runs):
+    # The stop came mid-epoch 0: the resumed process must neither skip that epoch's sinusoid fit
+    # plot and validation nor write them twice.
+    for name in ("killed_dir", "terminated_dir", "reference_dir"):
+        steps = collections.defaultdict(list)
+        for run, step, value in events(runs[name] / "logs"):
+            if value.tag in (monitoring.SINUSOID_FIT_TAG, "epoch_query_loss"):
+                steps[run, value.tag].append(step)
+        # Sorted: a resumed process writes new event files, which glob may list first.
+        assert {key: sorted(value) for key, value in steps.items()} == {
+            (".", monitoring.SINUSOID_FIT_TAG): [0, 1, 2],
+            ("train", "epoch_query_loss"): [0, 1, 2],
+            ("validation", "epoch_query_loss"): [0, 1, 2],
+        }, name
 
 
 def test_a_finished_run_is_not_trained_again(runs):
