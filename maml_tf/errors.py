@@ -21,7 +21,8 @@ class Stopped(Exception):  # noqa: N818 - a clean stop, like KeyboardInterrupt
 
     Attributes:
       signum: the signal's number.
-      step: the meta-updates done and saved.
+      step: the meta-updates done and saved, or None when the stop saved nothing (a search
+        stopped between two trials or after its last).
     """
 
     def __init__(self, message, signum, step):
