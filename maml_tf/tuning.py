@@ -526,7 +526,6 @@ class TrialUserError(kt.errors.FatalError):
     """
 
     def __init__(self, trial_id, values, error):
-        self.trial_id = trial_id
         super().__init__(f"trial {trial_id} ({_describe(values)}): {error}")
 
 
