@@ -771,7 +771,9 @@ def tune(config, space=None):
 
     Raises:
       UserError: bad flags or data, a search in the directory with other settings, a trial that
-        failed (naming it and its error; running again continues it), or no trial that completed.
+        failed (naming it and its error; running again continues it), a trial's own bad input
+        such as a save that cannot be read (naming the trial; the message says what to fix), or
+        no trial that completed.
       Stopped: a SIGTERM or SIGINT; the trial under way is saved, and running the search again
         continues it from there.
       KeyboardInterrupt: a second Ctrl-C; running the search again continues the trial under
