@@ -353,7 +353,8 @@ class MamlHyperModel(kt.HyperModel):
 
         Raises:
           checkpoints.NonFiniteError: the training or validation losses were not finite.
-          TrialStopped: a stop signal arrived (`stop_requests`); the trial's state is saved.
+          TrialStopped: a stop signal arrived (`stop_requests`); the trial's state is saved,
+            or, for a signal that came before the trial began, nothing of it was written.
         """
         stop = self.stop_requests
         if stop is not None and stop.signum is not None:
@@ -495,7 +496,7 @@ class TrialError(kt.errors.FatalError):
 
 
 class TrialStopped(kt.errors.FatalError):
-    """A stop signal ended the search during trial `trial_id`, with a save of the trial's state.
+    """A stop signal ended the search at trial `trial_id`, with a save of its state if it began.
 
     A `FatalError`, so that keras-tuner leaves the trial RUNNING in its saved state: the next
     run of the search continues it from the save (or starts it, if it had not begun).
