@@ -23,13 +23,13 @@ from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import flags  # noqa: E402
-from maml_tf.errors import Stopped, UserError  # noqa: E402
+from maml_tf.errors import Stopped, Terminated, UserError, raise_on_sigterm  # noqa: E402
 
 flags.define_flags()
 FLAGS = absl_flags.FLAGS
 
 
-# What a Ctrl-C outside meta-training's clean stop leaves, by mode.
+# What a Ctrl-C or SIGTERM outside meta-training's clean stop leaves, by mode.
 AGAIN = {
     "train": "the saves made before it are intact; the same command run again continues from "
     "the newest",
@@ -44,6 +44,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = flags.to_config(FLAGS)
+    # Else a scheduler's SIGTERM outside meta-training would end the process without a line.
+    raise_on_sigterm()
     try:
         # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
         from maml_tf import training, tuning
@@ -65,10 +67,15 @@ def main(argv):
     except Stopped as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
-    except KeyboardInterrupt:
-        # Outside meta-training (which stops cleanly on the first Ctrl-C), or a second Ctrl-C.
-        print(f"stopped: Ctrl-C during --mode={FLAGS.mode}; {AGAIN[FLAGS.mode]}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        # Outside meta-training (which stops cleanly on the first signal), or a second signal.
+        name, signum = (
+            ("SIGTERM", signal.SIGTERM)
+            if isinstance(interrupt, Terminated)
+            else ("Ctrl-C", signal.SIGINT)
+        )
+        print(f"stopped: {name} during --mode={FLAGS.mode}; {AGAIN[FLAGS.mode]}", file=sys.stderr)
+        sys.exit(128 + signum)
     if FLAGS.mode == "export":
         print(f"SavedModel with signatures serve and adapt_and_predict: {result.path}")
     elif FLAGS.mode == "tune":

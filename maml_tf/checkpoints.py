@@ -91,6 +91,22 @@ def atomic_save_weights(learner, path):
         raise _cannot_write(path, error) from None
 
 
+def atomic_write_text(path, text):
+    """Writes `text` to `path` through a temporary file and a rename: never half-written.
+
+    Raises:
+      OSError: the file cannot be written; `path` is as it was.
+    """
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 class TrainingState:
     """Everything a meta-training run needs to continue after a kill.
 
@@ -175,10 +191,13 @@ class TrainingState:
           SaveError: no room on the disk, or the save cannot be written; the saves already
             made are as they were.
         """
-        step = self.step
-        if self._latest.latest_checkpoint == self._path(step):
+        if self.saved():
             return
-        self._write(self._latest, step)
+        self._write(self._latest, self.step)
+
+    def saved(self):
+        """Whether the newest save is of the current meta-update."""
+        return self._latest.latest_checkpoint == self._path(self.step)
 
     def _write(self, manager, step):
         check_room(manager.directory, _variable_bytes(self._variables()))
@@ -296,6 +315,10 @@ class SaveTrainingState(keras.callbacks.Callback):
         # such a state must not replace the last good save.
         if not _all_finite(self.model.learner.trainable_variables):
             raise NonFiniteError(self.state.step, "the learner's weights θ")
+        # Counted only into a save that is written, so that the time in memory, which the
+        # run's results.json reports, is the time its newest save holds.
+        if self.state.saved():
+            return
         self._count_seconds()
         self.state.save()
 
@@ -330,8 +353,10 @@ class StopRequests:
     since the last save: up to a whole epoch by default (16 minutes of 20-way 1-shot Omniglot on
     two cores). Inside `with StopRequests() as stop:`, the first of these signals only records
     itself in `stop.signum`, for `StopOnSignal` to act on at the end of the meta-update under
-    way. A second signal, of either kind, acts as it would outside: SIGTERM ends the process at
-    once, SIGINT raises `KeyboardInterrupt`; the saves already made are intact either way.
+    way. A second signal, of either kind, acts as it would outside: SIGINT raises
+    `KeyboardInterrupt`, SIGTERM raises `errors.Terminated` in a process that called
+    `errors.raise_on_sigterm` (as `main.py` does) and otherwise ends the process at once; the
+    saves already made are intact either way.
 
     Python lets only the main thread install handlers; in another thread nothing is caught.
     """

@@ -1,4 +1,6 @@
-"""The one exception type that reaches the user as a single line."""
+"""The exceptions that reach the user as a single line, and SIGTERM as an exception."""
+
+import signal
 
 
 class UserError(Exception):
@@ -29,3 +31,27 @@ class Stopped(Exception):  # noqa: N818 - a clean stop, like KeyboardInterrupt
         super().__init__(message)
         self.signum = signum
         self.step = step
+
+
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """SIGTERM, raised in the main thread as Python raises `KeyboardInterrupt` for SIGINT.
+
+    A BaseException, as `KeyboardInterrupt` is, so that no `except Exception` swallows it.
+    Raised only in a process that called `raise_on_sigterm` (`main.py` does); elsewhere SIGTERM
+    keeps its default, which ends the process without a word.
+    """
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def raise_on_sigterm():
+    """Makes SIGTERM raise `Terminated` in the main thread instead of ending the process.
+
+    Outside meta-training (whose `StopRequests` catches the first SIGTERM and stops at the end
+    of the meta-update under way) a scheduler's SIGTERM then ends the process with one line
+    saying what was done and what to run, as Ctrl-C does, rather than without a word. Like
+    `KeyboardInterrupt`, it acts when the TensorFlow call under way returns.
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)

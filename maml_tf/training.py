@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import keras
 import tensorflow as tf
@@ -13,7 +14,7 @@ from absl import logging
 from maml_tf import checkpoints, evaluation, export, learners, monitoring, plots
 from maml_tf.config import TUNING_FIELDS, Config
 from maml_tf.data.datasets import build_datasets
-from maml_tf.errors import Stopped, UserError
+from maml_tf.errors import Stopped, Terminated, UserError
 from maml_tf.maml import MAML
 
 FINAL_WEIGHTS = "learner.weights.h5"
@@ -375,8 +376,10 @@ def _finish(
     result = RunResult(
         config, test, baseline_test, baseline_inner_lr, train_seconds, figure_path, protocol
     )
-    with open(os.path.join(config.model_dir, results_name), "w") as f:
-        json.dump(
+    # Atomic: a stop or a full disk during the write leaves the previous results whole.
+    checkpoints.atomic_write_text(
+        os.path.join(config.model_dir, results_name),
+        json.dumps(
             {
                 "config": dataclasses.asdict(config),
                 "protocol": protocol,
@@ -385,9 +388,9 @@ def _finish(
                 "baseline_test": baseline_test and evaluation.result_to_dict(baseline_test),
                 "baseline_inner_lr": baseline_inner_lr,
             },
-            f,
             indent=2,
-        )
+        ),
+    )
     return result
 
 
@@ -499,7 +502,9 @@ def train(config):
     Raises:
       UserError: bad data or flag combinations.
       Stopped: SIGTERM or SIGINT during meta-training; the state is saved, and calling again
-        with the same config continues the run.
+        with the same config continues the run. Also a SIGINT (`KeyboardInterrupt`) or, in a
+        process that called `errors.raise_on_sigterm`, a SIGTERM during the baseline's step-size
+        choice, the meta-test or the export after it: calling again goes straight to them.
     """
     config = config.resolve()
     set_threads(config.inter_op_threads, config.intra_op_threads)
@@ -528,21 +533,39 @@ def train(config):
     checkpoints.atomic_save_weights(model.learner, os.path.join(config.model_dir, FINAL_WEIGHTS))
     logging.info("meta-training took %.1f s", train_seconds)
 
-    baseline = baseline_inner_lr = None
-    if config.baseline:
-        baseline, baseline_inner_lr = _train_baseline(config, datasets)
-    result = _finish(
-        config,
-        model,
-        datasets,
-        train_seconds,
-        baseline,
-        baseline_inner_lr,
-        RESULTS,
-        config.model_dir,
+    stage, again = (
+        "the baseline's training",
+        "continue the baseline from its last save, then meta-test and export the run",
     )
-    # The run's own export, of the weights it meta-tested, replaced when the run is re-run.
-    export.export_model(model, os.path.join(config.model_dir, EXPORT_DIR), overwrite=True)
+    try:
+        baseline = baseline_inner_lr = None
+        if config.baseline:
+            baseline, baseline_inner_lr = _train_baseline(config, datasets)
+        again = "meta-test and export the run without meta-training it again"
+        stage = "the meta-test"
+        result = _finish(
+            config,
+            model,
+            datasets,
+            train_seconds,
+            baseline,
+            baseline_inner_lr,
+            RESULTS,
+            config.model_dir,
+        )
+        stage = "the export"
+        # The run's own export, of the weights it meta-tested, replaced when the run is re-run.
+        export.export_model(model, os.path.join(config.model_dir, EXPORT_DIR), overwrite=True)
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        # The run is complete and saved: say so, rather than that it may continue from a save.
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        raise Stopped(
+            f"{signal.Signals(signum).name} during {stage}, after meta-training: its "
+            f"{state.step} meta-updates are saved in {state.latest_path()}; run the same "
+            f"command again to {again}",
+            signum,
+            state.step,
+        ) from None
     return result
 
 

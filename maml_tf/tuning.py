@@ -47,7 +47,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 from maml_tf import checkpoints, monitoring, training
 from maml_tf.config import TUNERS, TUNING_FIELDS, dataset_reads, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
-from maml_tf.errors import Stopped, UserError
+from maml_tf.errors import Stopped, Terminated, UserError
 
 PROJECT = "trials"
 LOG_DIR = "logs"
@@ -436,7 +436,9 @@ class _RecordHistory(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs[epoch] = {name: float(value) for name, value in (logs or {}).items()}
-        _write(self.path, json.dumps({str(e): v for e, v in sorted(self.epochs.items())}))
+        checkpoints.atomic_write_text(
+            self.path, json.dumps({str(e): v for e, v in sorted(self.epochs.items())})
+        )
 
 
 def _read_history(path):
@@ -751,13 +753,6 @@ def _flagfile_text(config, space, best, score, objective, completed):
     return "\n".join(lines) + "\n"
 
 
-def _write(path, text):
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
-
-
 def tune(config, space=None):
     """Searches α, β, the inner step counts and the order; writes the best as a flagfile.
 
@@ -777,8 +772,9 @@ def tune(config, space=None):
         no trial that completed.
       Stopped: a SIGTERM or SIGINT; the trial under way is saved, and running the search again
         continues it from there.
-      KeyboardInterrupt: a second Ctrl-C; running the search again continues the trial under
-        way from its last save.
+      KeyboardInterrupt: a second Ctrl-C (`errors.Terminated`: a second SIGTERM, in a process
+        that called `errors.raise_on_sigterm`); running the search again continues the trial
+        under way from its last save.
     """
     if space is None:
         space = SearchSpace.from_config(config)
@@ -824,7 +820,7 @@ def tune(config, space=None):
         raise UserError(
             f"{error}; traceback in {error.traceback_path}. Running the search again {again}"
         ) from error
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         logging.warning(
             "search in %s interrupted: run it again to continue it (the trial that was "
             "running continues from its last save)",
@@ -845,7 +841,7 @@ def tune(config, space=None):
     if completed:
         best = sorted(completed, key=lambda t: t.score, reverse=hypermodel.mode == "max")[0]
     table = _trials_table(oracle, objective, best and best.trial_id, hypermodel.epochs)
-    _write(os.path.join(space.directory, TRIALS_TABLE), table)
+    checkpoints.atomic_write_text(os.path.join(space.directory, TRIALS_TABLE), table)
     if best is None:
         counts = collections.Counter(_trial_status(t).split(":")[0] for t in oracle.trials.values())
         statuses = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
@@ -856,7 +852,7 @@ def tune(config, space=None):
         )
     values = _values(best.hyperparameters)
     flagfile = os.path.join(space.directory, FLAGFILE)
-    _write(
+    checkpoints.atomic_write_text(
         flagfile,
         _flagfile_text(config, space, values, best.score, hypermodel.monitor, len(completed)),
     )

@@ -202,30 +202,99 @@ def test_a_run_resumed_mid_epoch_says_which_epoch_it_finishes(runs):
     assert shown == [(str(e), str(epochs)) for e in range(epoch, epochs + 1)]
 
 
-def test_ctrl_c_outside_meta_training_is_one_line_and_the_signal_status(runs):
-    # The signal is raised as the meta-test starts, where Python's own KeyboardInterrupt acts.
-    # A shell without job control starts background commands with SIGINT ignored, and the
-    # child would inherit that; a terminal's Ctrl-C finds Python's own handler.
+# A shell without job control starts background commands with SIGINT ignored, and the child
+# would inherit that; a terminal's Ctrl-C finds Python's own handler, which this restores.
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+def signalled_at_meta_test(argv, signum):
+    """`main.run()` with `argv`, sending itself `signum` as the meta-test starts."""
     script = f"""
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.argv = ["main.py", "--mode=eval", "--model_dir={runs["reference_dir"]}"]
+sys.argv = {["main.py", *map(str, argv)]!r}
 import main
 from maml_tf import evaluation
 evaluate = evaluation.evaluate
 def interrupted(*args, **kwargs):
-    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal({int(signum)})
     return evaluate(*args, **kwargs)
 evaluation.evaluate = interrupted
 main.run()
 """
-    result = run_script(script)
-    assert result.returncode == 128 + signal.SIGINT, stderr_tail(result)
+    return run_script(script)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_eval_is_one_line_and_the_signal_status(runs, signum):
+    result = signalled_at_meta_test(["--mode=eval", f"--model_dir={runs['reference_dir']}"], signum)
+    assert result.returncode == 128 + signum, stderr_tail(result)
     assert "Traceback" not in result.stderr
     assert stopped_lines(result.stderr) == [
-        "stopped: Ctrl-C during --mode=eval; nothing was written; run the same command again "
-        "to meta-test"
+        f"stopped: {SIGNAL_NAMES[signum]} during --mode=eval; nothing was written; run the "
+        "same command again to meta-test"
     ]
+    assert not (runs["reference_dir"] / training.EVAL_RESULTS).exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_meta_test_after_training_keeps_the_run_and_its_results(
+    runs, tmp_path, signum
+):
+    # A finished run, run again: it restores its last save and goes straight to the meta-test.
+    model_dir = tmp_path / "finished"
+    shutil.copytree(runs["reference_dir"], model_dir)
+    results = (model_dir / training.RESULTS).read_text()
+    result = signalled_at_meta_test([*RUN_FLAGS, f"--model_dir={model_dir}"], signum)
+    assert result.returncode == 128 + signum, stderr_tail(result)
+    assert "Traceback" not in result.stderr
+    save = model_dir / checkpoints.CHECKPOINT_DIR / "maml" / "latest" / f"ckpt-{TRAIN_STEPS}"
+    assert stopped_lines(result.stderr) == [
+        f"stopped: {signal.Signals(signum).name} during the meta-test, after meta-training: its "
+        f"{TRAIN_STEPS} meta-updates are saved in {save}; run the same command again to "
+        "meta-test and export the run without meta-training it again"
+    ]
+    assert (model_dir / training.RESULTS).read_text() == results
+    assert not list(model_dir.glob("*.partial"))
+    again = run_main(*RUN_FLAGS, f"--model_dir={model_dir}")
+    assert again.returncode == 0, stderr_tail(again)
+    assert saved_iterations(model_dir) == TRAIN_STEPS
+    reference = json.loads(results)
+    rerun = json.loads((model_dir / training.RESULTS).read_text())
+    assert rerun["test"] == reference["test"]
+    assert rerun["train_seconds"] == reference["train_seconds"]
+
+
+def test_a_second_sigterm_during_meta_training_is_one_line_and_keeps_the_saves(runs, tmp_path):
+    model_dir = tmp_path / "twice"
+    shutil.copytree(runs["snapshot_dir"], model_dir)
+    step = latest_step(model_dir)
+    # Both signals as the resumed run's first fit starts: the first asks for a stop at the end
+    # of the meta-update, the second acts at once.
+    script = f"""
+import signal, sys
+sys.argv = {["main.py", *RUN_FLAGS, f"--model_dir={model_dir}"]!r}
+import main
+from maml_tf import training
+fit_from = training.fit_from
+def twice(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
+    return fit_from(*args, **kwargs)
+training.fit_from = twice
+main.run()
+"""
+    result = run_script(script)
+    assert result.returncode == 128 + signal.SIGTERM, stderr_tail(result)
+    assert "Traceback" not in result.stderr
+    assert stopped_lines(result.stderr) == [
+        "stopped: SIGTERM during --mode=train; the saves made before it are intact; the same "
+        "command run again continues from the newest"
+    ]
+    assert latest_step(model_dir) == step
+    again = run_main(*RUN_FLAGS, f"--model_dir={model_dir}")
+    assert again.returncode == 0, stderr_tail(again)
+    assert f"after {step} meta-updates" in again.stderr
 
 
 def test_a_snapshot_holds_only_the_newest_save(runs):
