@@ -46,6 +46,17 @@ def main(argv):
     config = flags.to_config(FLAGS)
     # Else a scheduler's SIGTERM outside meta-training would end the process without a line.
     raise_on_sigterm()
+    onednn = flags.ONEDNN_ENV[FLAGS.onednn]
+    if onednn is not None:
+        # TensorFlow reads it once, as it loads, which the import below does.
+        if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != onednn:
+            print(
+                f"error: --onednn={FLAGS.onednn}: TensorFlow was loaded before main.py could "
+                "set TF_ENABLE_ONEDNN_OPTS; set it in the environment instead",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = onednn
     try:
         # Imported here so that a bad flag is reported before TensorFlow spends seconds loading.
         from maml_tf import training, tuning

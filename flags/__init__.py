@@ -71,6 +71,11 @@ _CONFIG_FLAGS = (
 )
 
 
+# --onednn: TF_ENABLE_ONEDNN_OPTS for each value (None: left as it is).
+ONEDNN = ("default", "on", "off")
+ONEDNN_ENV = {"default": None, "on": "1", "off": "0"}
+
+
 # Flags that one mode alone reads; given with another --mode they would be ignored without a word.
 MODE_ONLY = {
     **{name: "tune" for name in TUNING_FIELDS},
@@ -392,6 +397,18 @@ def define_flags(flag_values=flags.FLAGS):
         "intra_op_threads",
         0,
         "Threads inside one TensorFlow op. 0: TensorFlow's default.",
+    )
+    define(
+        "enum",
+        "onednn",
+        "default",
+        "oneDNN kernels for TensorFlow's CPU ops: on, off, or default (TensorFlow's choice: on "
+        "for processors with AVX-512, off for others, unless TF_ENABLE_ONEDNN_OPTS says "
+        "otherwise). main.py sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads, which is when "
+        "TensorFlow reads it. Changes speed (results only by float rounding): on an AVX2-only "
+        "processor 20-way 5-shot Omniglot ran 24-32% faster with it on, 5-way 1-shot 23% "
+        "slower; see README, Speed.",
+        ONEDNN,
     )
 
     # Hyperparameter search (--mode=tune). Each trial trains --train_steps meta-updates in epochs

@@ -448,6 +448,20 @@ def make_dir(path, flag):
         raise UserError(f"--{flag}={path}: cannot create it ({error.strerror})") from None
 
 
+def onednn():
+    """Whether TensorFlow runs its CPU ops with oneDNN kernels in this process (None: unknown).
+
+    Decided once, when TensorFlow loads: by `TF_ENABLE_ONEDNN_OPTS`, else by the processor.
+    """
+    try:
+        # Not public API, hence the fallback; it reports the decision TensorFlow took.
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def set_threads(inter_op_threads=0, intra_op_threads=0):
     """Sizes TensorFlow's thread pools (0 keeps its default); before the process's first op.
 
@@ -478,6 +492,7 @@ def set_threads(inter_op_threads=0, intra_op_threads=0):
                 f"--{name}={wanted}: TensorFlow already runs in this process with "
                 f"{get() or 'its default'}; set it before the first TensorFlow op"
             ) from None
+    logging.info("oneDNN kernels: %s", {True: "on", False: "off", None: "unknown"}[onednn()])
     if inter_op_threads or intra_op_threads:
         logging.info(
             "TensorFlow thread pools: inter-op %d, intra-op %d (0: its default)",

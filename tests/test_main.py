@@ -68,6 +68,42 @@ def test_thread_pool_sizes_change_speed_not_the_test_numbers(sinusoid_run, tmp_p
     assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
 
 
+@pytest.mark.parametrize("onednn", ["on", "off"])
+def test_onednn_changes_the_kernels_not_the_test_numbers(sinusoid_run, tmp_path, onednn):
+    model_dir, _ = sinusoid_run
+    result = run_main(
+        "--mode=eval",
+        f"--init_from={model_dir}",
+        f"--model_dir={tmp_path}/onednn",
+        "--test_tasks=20",
+        f"--onednn={onednn}",
+    )
+    assert result.returncode == 0, stderr_tail(result)
+    # TensorFlow's own report of the kernels it chose as it loaded.
+    assert f"oneDNN kernels: {onednn}" in result.stderr
+    trained = json.loads((model_dir / "results.json").read_text())["test"]
+    evaluated = json.loads((tmp_path / "onednn" / "eval_results.json").read_text())["test"]
+    assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
+
+
+def test_onednn_after_tensorflow_loaded_is_one_clear_error():
+    script = (
+        "import os, sys\n"
+        "os.environ.pop('TF_ENABLE_ONEDNN_OPTS', None)\n"
+        "import tensorflow\n"
+        "sys.argv = ['main.py', '--onednn=on']\n"
+        "import main\n"
+        "main.run()\n"
+    )
+    result = run_script(script)
+    assert result.returncode == 1, stderr_tail(result)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --onednn=on: TensorFlow was loaded before main.py could set "
+        "TF_ENABLE_ONEDNN_OPTS; set it in the environment instead"
+    )
+
+
 @pytest.mark.parametrize(
     "flag,name",
     [
