@@ -23,6 +23,7 @@ from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import flags  # noqa: E402
+from maml_tf.config import ONEDNN_ENV  # noqa: E402
 from maml_tf.errors import Stopped, Terminated, UserError, raise_on_sigterm  # noqa: E402
 
 flags.define_flags()
@@ -46,7 +47,7 @@ def main(argv):
     config = flags.to_config(FLAGS)
     # Else a scheduler's SIGTERM outside meta-training would end the process without a line.
     raise_on_sigterm()
-    onednn = flags.ONEDNN_ENV[FLAGS.onednn]
+    onednn = ONEDNN_ENV[FLAGS.onednn]
     if onednn is not None:
         # TensorFlow reads it once, as it loads, which the import below does.
         if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != onednn:

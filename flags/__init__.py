@@ -14,6 +14,7 @@ from maml_tf.config import (
     DATASETS,
     MODES,
     OMNIGLOT_SPLITS,
+    ONEDNN_ENV,
     RANGES,
     RESAMPLES,
     ROTATIONS,
@@ -69,11 +70,6 @@ _CONFIG_FLAGS = (
     "intra_op_threads",
     *TUNING_FIELDS,
 )
-
-
-# --onednn: TF_ENABLE_ONEDNN_OPTS for each value (None: left as it is).
-ONEDNN = ("default", "on", "off")
-ONEDNN_ENV = {"default": None, "on": "1", "off": "0"}
 
 
 # Flags that one mode alone reads; given with another --mode they would be ignored without a word.
@@ -408,7 +404,7 @@ def define_flags(flag_values=flags.FLAGS):
         "TensorFlow reads it. Changes speed (results only by float rounding): on an AVX2-only "
         "processor 20-way 5-shot Omniglot ran 24-32% faster with it on, 5-way 1-shot 23% "
         "slower; see README, Speed.",
-        ONEDNN,
+        list(ONEDNN_ENV),
     )
 
     # Hyperparameter search (--mode=tune). Each trial trains --train_steps meta-updates in epochs

@@ -3,11 +3,12 @@
     python -m maml_tf.bench                                  # every configuration and task_loop
     python -m maml_tf.bench --configs=P1,sinusoid --task_loops=map --steps=20
     python -m maml_tf.bench --intra_op_threads=2 --output=bench.jsonl
+    python -m maml_tf.bench --configs=P5 --task_loops=map --onednn=on,off   # oneDNN or not
 
-Prints one JSON line per (configuration, task_loop) on stdout; logs go to stderr. Each
-configuration runs in its own process (`python -m maml_tf.bench --config=NAME --task_loop=LOOP`,
-started by the parent), so its peak RSS is its own and no graph, thread pool or allocator cache
-carries over from one measurement to the next.
+Prints one JSON line per (configuration, task_loop, oneDNN setting) on stdout; logs go to
+stderr. Each configuration runs in its own process (`python -m maml_tf.bench --config=NAME
+--task_loop=LOOP`, started by the parent), so its peak RSS is its own and no graph, thread
+pool or allocator cache carries over from one measurement to the next.
 
 What is timed is the function `fit` runs: `model.make_train_function()` builds Keras' compiled
 train function (a `tf.function` around `MAML.train_step` and `optimizer.apply_gradients`), and
@@ -38,14 +39,17 @@ A record's fields:
   `matmul_parallel_products` products run side by side when the intra-op pool is smaller than
   the machine, so that the rate stays the machine's),
   `achieved_gflops` (`flops_per_step` / median step time) and `fraction_of_matmul_peak`;
+- `onednn_requested` (the `--onednn` value the child ran with: `default` leaves
+  `TF_ENABLE_ONEDNN_OPTS` as it is) and `onednn` (whether TensorFlow then ran oneDNN kernels;
+  null where it cannot tell);
 - `inter_op_threads`, `intra_op_threads` (0: TensorFlow's default), `cpu_count`, the 1-minute
   load average before and after (other jobs make timings noisy), `timestamp` (UTC),
   `tf_version`, `keras_version`, `python_version`;
 - `warmup_ms`, `last_query_loss` (finite, or the numbers time something odd), and `process_s`
   (the child process's wall time, from the parent).
 
-A run that failed gives a line with `config`, `task_loop` and `error` only, and the exit status
-is 1 once every configuration has run.
+A run that failed gives a line with `config`, `task_loop`, `onednn_requested` and `error` only,
+and the exit status is 1 once every configuration has run.
 """
 
 import dataclasses
@@ -63,6 +67,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from maml_tf.config import ONEDNN_ENV
 from maml_tf.errors import UserError
 
 # TensorFlow is imported inside the functions that need it: the parent process only starts
@@ -534,7 +539,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
     import keras
     import tensorflow as tf
 
-    from maml_tf import learners
+    from maml_tf import learners, training
     from maml_tf.maml import MAML
 
     load_before = os.getloadavg()[0]
@@ -656,6 +661,7 @@ def run_config(config, task_loop, steps=20, warmup=3, seed=0, matmul_size=2048, 
         "matmul_parallel_products": products,
         "achieved_gflops": achieved_gflops,
         "fraction_of_matmul_peak": achieved_gflops / peak_gflops,
+        "onednn": training.onednn(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "cpu_count": os.cpu_count(),
@@ -686,18 +692,28 @@ def _package_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_in_subprocess(name, task_loop, timeout=None, **child_flags):
+def run_in_subprocess(name, task_loop, onednn="default", timeout=None, **child_flags):
     """Runs one configuration in a fresh `python -m maml_tf.bench` process.
 
     Args:
       name: configuration name.
       task_loop: `MAML`'s `task_loop`.
+      onednn: a key of `ONEDNN_ENV`: the child's `TF_ENABLE_ONEDNN_OPTS`, which TensorFlow
+        reads only as it loads, hence one process per setting.
       timeout: seconds before the child is killed (None: no limit).
       **child_flags: values for the flags in `_CHILD_FLAGS`.
 
     Returns:
-      The child's JSON record, or a record with an `error` field if it failed.
+      The child's JSON record, or a record with an `error` field if it failed; either with
+      `onednn_requested`.
     """
+    return {
+        **_run_child(name, task_loop, onednn, timeout, child_flags),
+        "onednn_requested": onednn,
+    }
+
+
+def _run_child(name, task_loop, onednn, timeout, child_flags):
     command = [
         sys.executable,
         # A native crash inside TensorFlow then also prints the Python stack of every thread.
@@ -713,6 +729,8 @@ def run_in_subprocess(name, task_loop, timeout=None, **child_flags):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
     # TensorFlow's C++ start-up chatter would bury the child's own error message.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if ONEDNN_ENV[onednn] is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = ONEDNN_ENV[onednn]
     start = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
@@ -768,12 +786,17 @@ def write_record(record, output=None):
             f.write(line + "\n")
 
 
-def run_all(config_names, task_loops, output=None, timeout=None, **child_flags):
-    """Runs every (configuration, task_loop) pair, each in its own process, printing its line.
+def run_all(
+    config_names, task_loops, onednn=("default",), output=None, timeout=None, **child_flags
+):
+    """Runs every (configuration, task_loop, oneDNN setting), each in its own process.
+
+    Prints each record's line as it comes.
 
     Args:
       config_names: configuration names (see `config_by_name`).
       task_loops: `MAML` `task_loop` values.
+      onednn: keys of `ONEDNN_ENV`.
       output: file to append the JSON lines to, or None.
       timeout: seconds per configuration, or None.
       **child_flags: `steps`, `warmup`, `seed`, `inter_op_threads`, `intra_op_threads`,
@@ -787,22 +810,26 @@ def run_all(config_names, task_loops, output=None, timeout=None, **child_flags):
         config_by_name(name)  # Fail on a typo before spending minutes on the others.
     for name in config_names:
         for task_loop in task_loops:
-            logging.info("running %s with task_loop=%s", name, task_loop)
-            record = run_in_subprocess(name, task_loop, timeout=timeout, **child_flags)
-            if "error" not in record:
-                logging.info(
-                    "%s/%s: median %.1f ms/step, first call %.1f s, peak RSS %.0f MiB, "
-                    "%.3g GFLOP/s = %.1f%% of matmul",
-                    name,
-                    task_loop,
-                    record["step_ms_median"],
-                    record["first_call_s"],
-                    record["peak_rss_mib"],
-                    record["achieved_gflops"],
-                    100 * record["fraction_of_matmul_peak"],
+            for setting in onednn:
+                logging.info("running %s with task_loop=%s, --onednn=%s", name, task_loop, setting)
+                record = run_in_subprocess(
+                    name, task_loop, onednn=setting, timeout=timeout, **child_flags
                 )
-            write_record(record, output)
-            records.append(record)
+                if "error" not in record:
+                    logging.info(
+                        "%s/%s, oneDNN %s: median %.1f ms/step, first call %.1f s, peak RSS "
+                        "%.0f MiB, %.3g GFLOP/s = %.1f%% of matmul",
+                        name,
+                        task_loop,
+                        {True: "on", False: "off", None: "unknown"}[record["onednn"]],
+                        record["step_ms_median"],
+                        record["first_call_s"],
+                        record["peak_rss_mib"],
+                        record["achieved_gflops"],
+                        100 * record["fraction_of_matmul_peak"],
+                    )
+                write_record(record, output)
+                records.append(record)
     return records
 
 
@@ -870,6 +897,14 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer(
         "matmul_repeats", 10, "Timed matrix products.", lower_bound=1, flag_values=flag_values
     )
+    flags.DEFINE_list(
+        "onednn",
+        ["default"],
+        "Settings of TensorFlow's oneDNN kernels to run each configuration with, each in its "
+        "own process: default (TensorFlow's choice: on with AVX-512, off without, unless "
+        "TF_ENABLE_ONEDNN_OPTS says otherwise), on, off; e.g. on,off to compare them.",
+        flag_values=flag_values,
+    )
     flags.DEFINE_string(
         "output",
         None,
@@ -931,8 +966,20 @@ def main(argv, flag_values=flags.FLAGS):
         except ValueError as error:
             raise app.UsageError(str(error)) from error
     task_loops = f.task_loops or default_task_loops()
+    for setting in f.onednn:
+        if setting not in ONEDNN_ENV:
+            raise app.UsageError(
+                f"--onednn={','.join(f.onednn)}: {setting!r} is not one of {', '.join(ONEDNN_ENV)}"
+            )
     start = time.perf_counter()
-    records = run_all(names, task_loops, output=f.output, timeout=f.timeout or None, **child_flags)
+    records = run_all(
+        names,
+        task_loops,
+        onednn=f.onednn,
+        output=f.output,
+        timeout=f.timeout or None,
+        **child_flags,
+    )
     logging.info("benchmark took %.0f s", time.perf_counter() - start)
     if any("error" in r for r in records):
         sys.exit(1)

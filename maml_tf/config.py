@@ -40,6 +40,9 @@ ROTATIONS = ("episode", "classes", "none")
 CHECKPOINTS = ("best", "final")
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
 TASK_LOOPS = ("auto", "batched", "map", "unroll")
+# TF_ENABLE_ONEDNN_OPTS for each `--onednn` of main.py and the benchmark (None: left as it is,
+# TensorFlow's choice). A process setting, not a Config field: TensorFlow reads it as it loads.
+ONEDNN_ENV = {"default": None, "on": "1", "off": "0"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,8 @@ OTHER_FIELDS = (
     "peak_rss_method",
     "step_ms_all",
     "warmup_ms",
+    "onednn",
+    "onednn_requested",
     "inter_op_threads",
     "intra_op_threads",
     "timestamp",
@@ -205,11 +207,34 @@ def test_command_line_prints_one_json_line_with_every_field(tmp_path):
     assert record["flops_per_step"] == 25 * 12 * bench.forward_flops(learners.mlp(), 10)
 
 
+def test_each_onednn_setting_runs_in_its_own_process_with_those_kernels():
+    result = run_bench(
+        "--configs=sinusoid",
+        "--task_loops=map",
+        "--steps=2",
+        "--warmup=1",
+        "--matmul_size=128",
+        "--matmul_repeats=2",
+        "--onednn=on,off",
+    )
+    assert result.returncode == 0, stderr_tail(result)
+    records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    # TensorFlow's own report, from inside each child.
+    assert [(r["onednn_requested"], r["onednn"]) for r in records] == [("on", True), ("off", False)]
+
+
+def test_an_unknown_onednn_setting_is_a_usage_error():
+    result = run_bench("--configs=sinusoid", "--onednn=on,maybe")
+    assert result.returncode != 0 and not result.stdout
+    assert "--onednn=on,maybe: 'maybe' is not one of default, on, off" in result.stderr
+
+
 def test_a_failing_configuration_gives_an_error_line_and_exit_status_1():
     result = run_bench("--configs=sinusoid", "--task_loops=no_such_loop", "--steps=1")
     assert result.returncode == 1
     record = json.loads(result.stdout.strip())
     assert record["config"] == "sinusoid" and "task_loop must be one of" in record["error"]
+    assert record["onednn_requested"] == "default"
 
 
 def test_an_unknown_configuration_is_a_usage_error():
