@@ -176,6 +176,17 @@ def test_the_matmul_rate_fills_every_core_under_a_one_thread_intra_op_pool():
     assert products == cores
 
 
+# One short sinusoid configuration: a child process in seconds.
+TINY_RUN = (
+    "--configs=sinusoid",
+    "--task_loops=map",
+    "--steps=2",
+    "--warmup=1",
+    "--matmul_size=128",
+    "--matmul_repeats=2",
+)
+
+
 def run_bench(*args):
     return run_module("maml_tf.bench", *args)
 
@@ -183,12 +194,7 @@ def run_bench(*args):
 def test_command_line_prints_one_json_line_with_every_field(tmp_path):
     output = tmp_path / "bench.jsonl"
     result = run_bench(
-        "--configs=sinusoid",
-        "--task_loops=map",
-        "--steps=2",
-        "--warmup=1",
-        "--matmul_size=128",
-        "--matmul_repeats=2",
+        *TINY_RUN,
         f"--output={output}",
     )
     assert result.returncode == 0, stderr_tail(result)
@@ -209,12 +215,7 @@ def test_command_line_prints_one_json_line_with_every_field(tmp_path):
 
 def test_each_onednn_setting_runs_in_its_own_process_with_those_kernels():
     result = run_bench(
-        "--configs=sinusoid",
-        "--task_loops=map",
-        "--steps=2",
-        "--warmup=1",
-        "--matmul_size=128",
-        "--matmul_repeats=2",
+        *TINY_RUN,
         "--onednn=on,off",
     )
     assert result.returncode == 0, stderr_tail(result)
