@@ -549,7 +549,7 @@ def train(config):
     logging.info("meta-training took %.1f s", train_seconds)
 
     stage, again = (
-        "the baseline's training",
+        "the baseline",
         "continue the baseline from its last save, then meta-test and export the run",
     )
     try:
