@@ -18,7 +18,7 @@ from weights import weight_arrays
 import flags
 from maml_tf import tuning
 from maml_tf.config import DATASET_FIELDS, TUNING_FIELDS, Config
-from maml_tf.errors import Stopped, UserError
+from maml_tf.errors import Stopped, Terminated, UserError
 
 SPACE = tuning.SearchSpace(
     max_trials=2,
@@ -58,19 +58,23 @@ def _trials(directory):
 
 
 class _Calls(list):
-    """A list with an `interrupt` attribute."""
+    """A list with `interrupt` and `exception` attributes."""
 
 
 @pytest.fixture
 def fits(monkeypatch):
-    """Records the trial id of every `MamlHyperModel.fit` call; `interrupt` ids raise mid-fit."""
+    """Records the trial id of every `MamlHyperModel.fit` call; `interrupt` ids raise mid-fit.
+
+    They raise `calls.exception`: KeyboardInterrupt (a second Ctrl-C) unless set otherwise.
+    """
     calls = _Calls()
     interrupt = set()
+    calls.exception = KeyboardInterrupt
     original = tuning.MamlHyperModel.fit
 
     class Interrupt(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            raise KeyboardInterrupt
+            raise calls.exception
 
     def fit(self, hp, model, trial_id, callbacks=(), **kwargs):
         calls.append(trial_id)
@@ -174,10 +178,13 @@ def test_a_rerun_search_continues_without_repeating_finished_trials(tmp_path, fi
     assert fits == ["0", "1", "2"]
 
 
-def test_an_interrupted_trial_is_run_again_and_finished_ones_are_kept(tmp_path, fits):
+# Terminated: a second SIGTERM, in a process that called errors.raise_on_sigterm (main.py).
+@pytest.mark.parametrize("exception", [KeyboardInterrupt, Terminated])
+def test_an_interrupted_trial_is_run_again_and_finished_ones_are_kept(tmp_path, fits, exception):
     config = _config(tmp_path)
     fits.interrupt.add("1")
-    with pytest.raises(KeyboardInterrupt):
+    fits.exception = exception
+    with pytest.raises(exception):
         tuning.tune(config, SPACE)
     assert fits == ["0", "1"]
     assert _trials(str(tmp_path / "tuning")) == {"0": "COMPLETED", "1": "RUNNING"}
