@@ -67,7 +67,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from maml_tf.config import ONEDNN_ENV
+from maml_tf.config import ONEDNN_ENV, ONEDNN_NAMES
 from maml_tf.errors import UserError
 
 # TensorFlow is imported inside the functions that need it: the parent process only starts
@@ -821,7 +821,7 @@ def run_all(
                         "%.0f MiB, %.3g GFLOP/s = %.1f%% of matmul",
                         name,
                         task_loop,
-                        {True: "on", False: "off", None: "unknown"}[record["onednn"]],
+                        ONEDNN_NAMES[record["onednn"]],
                         record["step_ms_median"],
                         record["first_call_s"],
                         record["peak_rss_mib"],

@@ -43,6 +43,8 @@ TASK_LOOPS = ("auto", "batched", "map", "unroll")
 # TF_ENABLE_ONEDNN_OPTS for each `--onednn` of main.py and the benchmark (None: left as it is,
 # TensorFlow's choice). A process setting, not a Config field: TensorFlow reads it as it loads.
 ONEDNN_ENV = {"default": None, "on": "1", "off": "0"}
+# How logs and benchmark records name `training.onednn()`'s answer.
+ONEDNN_NAMES = {True: "on", False: "off", None: "unknown"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from absl import logging
 
 from maml_tf import checkpoints, evaluation, export, learners, monitoring, plots
-from maml_tf.config import TUNING_FIELDS, Config
+from maml_tf.config import ONEDNN_NAMES, TUNING_FIELDS, Config
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import Stopped, Terminated, UserError
 from maml_tf.maml import MAML
@@ -492,7 +492,7 @@ def set_threads(inter_op_threads=0, intra_op_threads=0):
                 f"--{name}={wanted}: TensorFlow already runs in this process with "
                 f"{get() or 'its default'}; set it before the first TensorFlow op"
             ) from None
-    logging.info("oneDNN kernels: %s", {True: "on", False: "off", None: "unknown"}[onednn()])
+    logging.info("oneDNN kernels: %s", ONEDNN_NAMES[onednn()])
     if inter_op_threads or intra_op_threads:
         logging.info(
             "TensorFlow thread pools: inter-op %d, intra-op %d (0: its default)",
