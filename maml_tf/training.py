@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import keras
 import tensorflow as tf
@@ -50,6 +51,7 @@ RunResult = collections.namedtuple(
         "train_seconds",
         "figure_path",
         "protocol",
+        "test_seconds",
     ],
 )
 RunResult.__doc__ = """What a run measured.
@@ -63,6 +65,7 @@ Attributes:
   figure_path: the sinusoid fit plot, or None.
   protocol: dict with everything that defines the meta-test (split, ways, shots, query size,
     tasks, inner steps, α, normalisation, seed, weights used).
+  test_seconds: wall time of MAML's meta-test (the baseline's is not included).
 """
 
 
@@ -358,7 +361,9 @@ def _finish(
         "weights": weights,
         "confidence_interval": "95%, 1.96 * sample std / sqrt(tasks)",
     }
+    start = time.perf_counter()
     test = evaluation.evaluate(model, datasets.test)
+    test_seconds = time.perf_counter() - start
     baseline_test = figure_path = None
     if baseline is not None:
         baseline_test = evaluation.evaluate(baseline, datasets.test)
@@ -374,7 +379,14 @@ def _finish(
             steps=sorted({0, 1, config.eval_inner_steps}),
         )
     result = RunResult(
-        config, test, baseline_test, baseline_inner_lr, train_seconds, figure_path, protocol
+        config,
+        test,
+        baseline_test,
+        baseline_inner_lr,
+        train_seconds,
+        figure_path,
+        protocol,
+        test_seconds,
     )
     # Atomic: a stop or a full disk during the write leaves the previous results whole.
     checkpoints.atomic_write_text(
@@ -384,6 +396,7 @@ def _finish(
                 "config": dataclasses.asdict(config),
                 "protocol": protocol,
                 "train_seconds": train_seconds,
+                "test_seconds": test_seconds,
                 "test": evaluation.result_to_dict(test),
                 "baseline_test": baseline_test and evaluation.result_to_dict(baseline_test),
                 "baseline_inner_lr": baseline_inner_lr,
@@ -735,6 +748,7 @@ def summary(result):
     ]
     if result.train_seconds is not None:
         lines.append(f"meta-training: {config.train_steps} steps in {result.train_seconds:.0f} s")
+    lines.append(f"meta-test: {result.test.num_tasks} tasks in {result.test_seconds:.0f} s")
     if result.figure_path:
         lines.append(f"plot: {result.figure_path}")
     if result.train_seconds is not None:

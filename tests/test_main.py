@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 from cli import run_main, run_script, stderr_tail
@@ -37,6 +38,7 @@ def test_sinusoid_run_writes_its_files(sinusoid_run):
     results = json.loads((model_dir / "results.json").read_text())
     assert len(results["test"]["query_loss_mean"]) == 4
     assert results["test"]["num_tasks"] == 20
+    assert results["test_seconds"] > 0
     assert results["baseline_inner_lr"] > 0
     events = [f for _, _, files in os.walk(model_dir / "logs") for f in files]
     assert any(f.startswith("events.out.tfevents") for f in events)
@@ -44,11 +46,18 @@ def test_sinusoid_run_writes_its_files(sinusoid_run):
 
 def test_eval_mode_reproduces_the_test_numbers(sinusoid_run):
     model_dir, _ = sinusoid_run
+    started = time.perf_counter()
     result = run_main("--mode=eval", f"--model_dir={model_dir}", "--test_tasks=20")
+    elapsed = time.perf_counter() - started
     assert result.returncode == 0, stderr_tail(result)
     trained = json.loads((model_dir / "results.json").read_text())["test"]
-    evaluated = json.loads((model_dir / "eval_results.json").read_text())["test"]
-    assert evaluated["query_loss_mean"] == pytest.approx(trained["query_loss_mean"], rel=1e-5)
+    evaluated = json.loads((model_dir / "eval_results.json").read_text())
+    assert evaluated["test"]["query_loss_mean"] == pytest.approx(
+        trained["query_loss_mean"], rel=1e-5
+    )
+    # The meta-test's own time: part of the process's, not the start-up or loading.
+    assert 0 < evaluated["test_seconds"] < elapsed
+    assert f"meta-test: 20 tasks in {evaluated['test_seconds']:.0f} s" in result.stdout
 
 
 def test_thread_pool_sizes_change_speed_not_the_test_numbers(sinusoid_run, tmp_path):
