@@ -1,6 +1,7 @@
 """The exceptions that reach the user as a single line, and SIGTERM as an exception."""
 
 import signal
+import sys
 
 
 class UserError(Exception):
@@ -10,6 +11,30 @@ class UserError(Exception):
     names the flag or file and says what is wrong, e.g.
     `--data_dir=/x: images_background.zip is missing`.
     """
+
+
+def run_command(argv, usage, valid, action):
+    """The `main` of a `python -m maml_tf.<module>` command: a bad input is one line on stderr.
+
+    Args:
+      argv: `sys.argv`.
+      usage: the command and its arguments, as `python -m maml_tf.plots OUT.png LABEL=DIR...`.
+      valid: whether a list of the arguments (`argv[1:]`) has the right form.
+      action: called with the arguments; prints what the command prints.
+
+    Returns:
+      The exit status: 2 after printing the usage line for arguments of the wrong form, 1 after
+      printing `error: <message>` for a `UserError`, else 0.
+    """
+    if not valid(argv[1:]):
+        print(f"usage: {usage}", file=sys.stderr)
+        return 2
+    try:
+        action(*argv[1:])
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 class Stopped(Exception):  # noqa: N818 - a clean stop, like KeyboardInterrupt

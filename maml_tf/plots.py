@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maml_tf.data import sinusoid  # noqa: E402
-from maml_tf.errors import UserError  # noqa: E402
+from maml_tf.errors import UserError, run_command  # noqa: E402
 
 # What Keras' TensorBoard callback logs after each validation, at the optimizer's iteration count.
 VALIDATION_ACCURACY_TAG = "evaluation_query_accuracy_vs_iterations"
@@ -123,16 +123,12 @@ def validation_curves(path, runs, title="Omniglot validation accuracy"):
 
 def main(argv):
     """`python -m maml_tf.plots OUT.png LABEL=MODEL_DIR...`: validation curves of runs."""
-    if len(argv) < 3 or not all("=" in run for run in argv[2:]):
-        print("usage: python -m maml_tf.plots OUT.png LABEL=MODEL_DIR...", file=sys.stderr)
-        return 2
-    runs = dict(run.split("=", 1) for run in argv[2:])
-    try:
-        print(validation_curves(argv[1], runs))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(
+        argv,
+        "python -m maml_tf.plots OUT.png LABEL=MODEL_DIR...",
+        lambda args: len(args) >= 2 and all("=" in run for run in args[1:]),
+        lambda path, *runs: print(validation_curves(path, dict(run.split("=", 1) for run in runs))),
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from maml_tf import checkpoints, training  # noqa: E402
-from maml_tf.errors import UserError  # noqa: E402
+from maml_tf.errors import run_command  # noqa: E402
 
 # Where the run's files were on the machine that trained it: meaningless elsewhere.
 _MACHINE_FIELDS = ("model_dir", "data_dir", "cache_dir", "init_from", "export_dir", "tune_dir")
@@ -94,16 +94,13 @@ def package(run_dir, out_dir, checkpoint="best"):
 
 
 def main(argv):
-    if len(argv) != 3:
-        print("usage: python -m maml_tf.pretrained RUN_DIR OUT_DIR", file=sys.stderr)
-        return 2
-    try:
-        for path in package(argv[1], argv[2]):
-            print(path)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    """`python -m maml_tf.pretrained RUN_DIR OUT_DIR`: package a run; prints the files written."""
+    return run_command(
+        argv,
+        "python -m maml_tf.pretrained RUN_DIR OUT_DIR",
+        lambda args: len(args) == 2,
+        lambda run_dir, out_dir: print(*package(run_dir, out_dir), sep="\n"),
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ if __name__ == "__main__":
 import tensorflow as tf  # noqa: E402
 
 from maml_tf import checkpoints, plots  # noqa: E402
-from maml_tf.errors import UserError  # noqa: E402
+from maml_tf.errors import UserError, run_command  # noqa: E402
 
 Save = collections.namedtuple("Save", ["meta_updates", "train_seconds", "best_score", "path"])
 Save.__doc__ = """One save of a run's `TrainingState`.
@@ -120,15 +120,12 @@ def report(model_dir):
 
 def main(argv):
     """`python -m maml_tf.progress MODEL_DIR`: a run's saves, speed and validations."""
-    if len(argv) != 2:
-        print("usage: python -m maml_tf.progress MODEL_DIR", file=sys.stderr)
-        return 2
-    try:
-        print(report(argv[1]))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(
+        argv,
+        "python -m maml_tf.progress MODEL_DIR",
+        lambda args: len(args) == 1,
+        lambda model_dir: print(report(model_dir)),
+    )
 
 
 if __name__ == "__main__":

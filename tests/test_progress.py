@@ -88,7 +88,7 @@ def test_a_damaged_save_is_named(tmp_path):
         progress.read_saves(tmp_path / "checkpoints" / "maml" / "latest")
 
 
-def test_the_command_prints_the_report_and_names_a_run_without_saves_in_its_last_line(tmp_path):
+def test_the_command_prints_the_report_and_one_line_for_a_run_without_saves_or_bad_usage(tmp_path):
     model, state = _state(tmp_path / "run")
     _save(model, state, 100, 50.0)
     printed = run_module("maml_tf.progress", tmp_path / "run")
@@ -101,3 +101,7 @@ def test_the_command_prints_the_report_and_names_a_run_without_saves_in_its_last
     assert failed.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'empty'}: no saves under checkpoints/*/latest"
     )
+
+    misused = run_module("maml_tf.progress", tmp_path / "run", tmp_path / "empty")
+    assert misused.returncode == 2
+    assert misused.stderr.strip().splitlines()[-1] == "usage: python -m maml_tf.progress MODEL_DIR"
