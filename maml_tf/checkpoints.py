@@ -19,6 +19,7 @@ save leaves the index naming the previous complete save. A save that is unreadab
 damaged disk, a file truncated by hand) is skipped with a warning in favour of an older one.
 """
 
+import collections
 import math
 import os
 import shutil
@@ -34,6 +35,9 @@ from absl import logging
 from maml_tf.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+# Under `MODEL_DIR/checkpoints/<name>/`: the last saves, and the save at the best validation.
+LATEST = "latest"
+BEST = "best"
 
 
 # Free space a save needs beyond its variables' bytes: file-format overhead, the index, and what
@@ -135,10 +139,10 @@ class TrainingState:
             train_seconds=self.train_seconds,
         )
         self._latest = tf.train.CheckpointManager(
-            self._checkpoint, os.path.join(directory, "latest"), max_to_keep=keep
+            self._checkpoint, os.path.join(directory, LATEST), max_to_keep=keep
         )
         self._best = tf.train.CheckpointManager(
-            self._checkpoint, os.path.join(directory, "best"), max_to_keep=1
+            self._checkpoint, os.path.join(directory, BEST), max_to_keep=1
         )
 
     @property
@@ -235,6 +239,57 @@ class TrainingState:
 
     def _path(self, step):
         return f"{self._latest._checkpoint_prefix}-{step}"
+
+
+Save = collections.namedtuple("Save", ["meta_updates", "train_seconds", "best_score", "path"])
+Save.__doc__ = """One save of a `TrainingState`, read without building a model.
+
+Fields:
+  meta_updates: int, the optimizer's iteration count when it was saved.
+  train_seconds: float, wall time spent training up to it.
+  best_score: float, the best validation score up to it (NaN before the first validation).
+  path: the save's path prefix.
+"""
+
+
+def _saved(reader, name):
+    # `name` is a key of `TrainingState`'s `tf.train.Checkpoint` (Keras' optimizer keeps its
+    # iteration count as `_iterations`).
+    return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def read_saves(directory):
+    """The saves a `TrainingState` keeps in `directory`, oldest first.
+
+    Args:
+      directory: `MODEL_DIR/checkpoints/<name>/latest` or `.../best`.
+
+    Returns:
+      A list of `Save`, empty when the directory has none.
+
+    Raises:
+      UserError: a save the index names cannot be read.
+    """
+    state = tf.train.get_checkpoint_state(os.fspath(directory))
+    if state is None:
+        return []
+    saves = []
+    # The index names them relative to `directory` and `get_checkpoint_state` joins the two.
+    for path in state.all_model_checkpoint_paths:
+        try:
+            reader = tf.train.load_checkpoint(path)
+            saves.append(
+                Save(
+                    int(_saved(reader, "optimizer/_iterations")),
+                    float(_saved(reader, "train_seconds")),
+                    float(_saved(reader, "best_score")),
+                    path,
+                )
+            )
+        except tf.errors.OpError as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UserError(f"{path}: cannot read this save ({reason})") from None
+    return sorted(saves, key=lambda save: save.meta_updates)
 
 
 class NonFiniteError(Exception):

@@ -4,6 +4,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -53,14 +54,8 @@ def latest_step(model_dir):
 
 
 def saved_iterations(model_dir):
-    path = tf.train.latest_checkpoint(
-        os.path.join(model_dir, checkpoints.CHECKPOINT_DIR, "maml", "latest")
-    )
-    return int(
-        tf.train.load_checkpoint(path).get_tensor(
-            "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
-        )
-    )
+    latest = os.path.join(model_dir, checkpoints.CHECKPOINT_DIR, "maml", checkpoints.LATEST)
+    return checkpoints.read_saves(latest)[-1].meta_updates
 
 
 def signal_after_first_save(model_dir, log_path, signum):
@@ -457,6 +452,35 @@ def test_a_run_continued_with_another_outer_lr_trains_with_it(runs, tmp_path):
     assert rates[3] == pytest.approx(1e-4)
 
 
+def test_the_kept_saves_read_back_oldest_first_with_their_training_time(tmp_path):
+    model = small_model()
+    state = checkpoints.TrainingState(tmp_path, model, keep=3)
+    for step, seconds in [(100, 40.0), (200, 90.0), (300, 150.0), (400, 170.0)]:
+        state.train_seconds.assign(seconds)
+        save_at(state, model, step, 1.0)
+
+    saves = checkpoints.read_saves(tmp_path / checkpoints.LATEST)
+
+    # keep=3: the first save is gone.
+    assert [(s.meta_updates, s.train_seconds) for s in saves] == [
+        (200, 90.0),
+        (300, 150.0),
+        (400, 170.0),
+    ]
+    assert all(math.isnan(s.best_score) for s in saves)
+    assert checkpoints.read_saves(tmp_path / checkpoints.BEST) == []
+
+
+def test_reading_a_damaged_save_names_it(tmp_path):
+    model = small_model()
+    save_at(checkpoints.TrainingState(tmp_path, model), model, 100, 1.0)
+    index = tmp_path / checkpoints.LATEST / "ckpt-100.index"
+    index.write_bytes(index.read_bytes()[:10])
+
+    with pytest.raises(UserError, match="ckpt-100: cannot read this save"):
+        checkpoints.read_saves(tmp_path / checkpoints.LATEST)
+
+
 def test_keeps_only_the_last_saves(tmp_path):
     model = small_model()
     state = checkpoints.TrainingState(tmp_path, model, keep=2)
@@ -505,15 +529,11 @@ def test_the_best_save_carries_its_own_training_time(tmp_path):
     callback.on_train_batch_end(1)
     callback.on_epoch_end(0, {"val_score": 0.5})
 
-    def seconds(kind):
-        path = tf.train.latest_checkpoint(str(tmp_path / kind))
-        reader = tf.train.load_checkpoint(path)
-        return path, reader.get_tensor("train_seconds/.ATTRIBUTES/VARIABLE_VALUE")
-
-    (best_path, best), (latest_path, latest) = seconds("best"), seconds("latest")
-    assert best_path.endswith("-2") and latest_path.endswith("-2")
+    best = checkpoints.read_saves(tmp_path / checkpoints.BEST)[-1]
+    latest = checkpoints.read_saves(tmp_path / checkpoints.LATEST)[-1]
+    assert best.meta_updates == latest.meta_updates == 2
     # At least the 0.3 s slept after the save at step 1, whose time the old code reused.
-    assert 0.3 <= best <= latest
+    assert 0.3 <= best.train_seconds <= latest.train_seconds
 
 
 # ------------------------------------------------------------------ saves that cannot be made
