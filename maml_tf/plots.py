@@ -20,6 +20,7 @@ from maml_tf.errors import UserError, run_command  # noqa: E402
 
 # What Keras' TensorBoard callback logs after each validation, at the optimizer's iteration count.
 VALIDATION_ACCURACY_TAG = "evaluation_query_accuracy_vs_iterations"
+VALIDATION_LOSS_TAG = "evaluation_query_loss_vs_iterations"
 
 
 def sinusoid_fit(path, task, panels, steps=(0, 1, 10)):
@@ -65,27 +66,41 @@ def sinusoid_fit(path, task, panels, steps=(0, 1, 10)):
     return path
 
 
-def read_validation_curve(model_dir, tag=VALIDATION_ACCURACY_TAG):
-    """The validation metric of a run against meta-updates, from its TensorBoard logs.
+def read_scalars(log_dir, tags):
+    """Scalars logged in one TensorBoard directory, by tag, against the step they were logged at.
 
     A resumed run adds event files to the same directory; where two give a value for the same
-    meta-update, the newer file's wins.
+    step, the newer file's wins.
+
+    Args:
+      log_dir: a directory of event files (a run's `logs/validation`).
+      tags: the summary tags to read.
 
     Returns:
-      (iterations, values): int64 [n] sorted ascending and float64 [n].
+      {tag: {step: value}} with an entry (empty if never logged) for each of `tags`.
     """
     import tensorflow as tf
 
     paths = sorted(
-        glob.glob(os.path.join(model_dir, "logs", "validation", "events.out.tfevents.*")),
+        glob.glob(os.path.join(os.fspath(log_dir), "events.out.tfevents.*")),
         key=os.path.getmtime,
     )
-    values = {}
+    values = {tag: {} for tag in tags}
     for path in paths:
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
+                if value.tag in values:
+                    values[value.tag][event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def read_validation_curve(model_dir, tag=VALIDATION_ACCURACY_TAG):
+    """The validation metric of a run against meta-updates, from its TensorBoard logs.
+
+    Returns:
+      (iterations, values): int64 [n] sorted ascending and float64 [n].
+    """
+    values = read_scalars(os.path.join(model_dir, "logs", "validation"), [tag])[tag]
     iterations = np.array(sorted(values), np.int64)
     return iterations, np.array([values[i] for i in iterations], np.float64)
 

@@ -1,8 +1,10 @@
-"""How far a training run has got, read from what it wrote: its saves and its validation logs.
+"""How far a training run or a hyperparameter search has got, read from what it wrote.
 
-`python -m maml_tf.progress MODEL_DIR` prints, for each kept save, the meta-updates done and the
+`python -m maml_tf.progress DIR` prints, for each kept save, the meta-updates done and the
 accumulated training time (`train_seconds`, the wall time spent in `fit`, across resumes), the
-seconds per meta-update between consecutive saves, the best save, and every validation. A long
+seconds per meta-update between consecutive saves, the best save, and every validation (query
+accuracy and loss after the last inner step). DIR is a run's `--model_dir`, or a search's
+directory (`MODEL_DIR/tuning` by default), whose trials are reported one after another. A long
 run's figures are then read off rather than copied by hand from its log.
 
 A run keeps only its last `--keep_checkpoints` saves (`maml_tf.checkpoints.TrainingState`), so
@@ -20,61 +22,126 @@ if __name__ == "__main__":
 from maml_tf import checkpoints, plots  # noqa: E402
 from maml_tf.errors import UserError, run_command  # noqa: E402
 
+# A search's layout (`maml_tf.tuning`, not imported: it loads keras-tuner).
+TRIALS_DIR = "trials"
+TRIAL_LOGS_DIR = "logs"
+DEFAULT_SEARCH_DIR = "tuning"
 
-def report(model_dir):
-    """The progress of the run in `model_dir` as text, one table per learner it saved.
+
+def _saves(title, directory):
+    """Lines for the saves of one learner in `directory` (`.../checkpoints/<name>`), or []."""
+    latest = os.path.join(directory, checkpoints.LATEST)
+    saves = checkpoints.read_saves(latest)
+    if not saves:
+        return []
+    lines = [
+        f"{title}: saves in {latest}",
+        "  meta-updates  train_seconds   hours  s/meta-update since the save before",
+    ]
+    previous = None
+    for save in saves:
+        speed = ""
+        if previous is not None:
+            seconds = save.train_seconds - previous.train_seconds
+            speed = f"{seconds / (save.meta_updates - previous.meta_updates):.2f}"
+        lines.append(
+            f"  {save.meta_updates:12,d}  {save.train_seconds:13,.1f}  "
+            f"{save.train_seconds / 3600:6.2f}  {speed}".rstrip()
+        )
+        previous = save
+    for best in checkpoints.read_saves(os.path.join(directory, checkpoints.BEST)):
+        lines.append(
+            f"  best: {best.meta_updates:,d} meta-updates, validation score "
+            f"{best.best_score:.4f}, {best.train_seconds:,.1f} s"
+        )
+    return lines
+
+
+def _validations(log_dir, indent):
+    """Lines for every validation logged in `log_dir`: query accuracy and loss by meta-update.
+
+    A column is left out when it was never logged (a regression run logs no accuracy).
+    """
+    scalars = plots.read_scalars(
+        log_dir, (plots.VALIDATION_ACCURACY_TAG, plots.VALIDATION_LOSS_TAG)
+    ).values()
+    columns = [
+        (title, values, show)
+        for (title, show), values in zip(
+            (
+                ("query accuracy", lambda value: f"{100 * value:.2f}%"),
+                ("query loss", "{:.4f}".format),
+            ),
+            scalars,
+            strict=True,
+        )
+        if values
+    ]
+    lines = [f"{indent}validation, after the last inner step ({log_dir}):"]
+    if not columns:
+        return [*lines, f"{indent}  none logged"]
+    lines.append(f"{indent}  meta-updates" + "".join(f"  {title}" for title, _, _ in columns))
+    for step in sorted(set().union(*(values for _, values, _ in columns))):
+        cells = "".join(
+            f"  {show(values[step]) if step in values else '':>{len(title)}}"
+            for title, values, show in columns
+        )
+        lines.append(f"{indent}  {step:12,d}{cells}".rstrip())
+    return lines
+
+
+def report(directory):
+    """The progress of the run or search in `directory` as text.
+
+    A run (a `--model_dir`) gives one table of saves per learner it saved, then its validations;
+    a search gives, for each trial with a save, the trial's saves and validations.
 
     Raises:
-      UserError: the directory holds no saves.
+      UserError: the directory holds no saves of a run or of a trial.
     """
-    names = sorted(
-        os.path.basename(os.path.dirname(latest))
-        for latest in glob.glob(
-            os.path.join(os.fspath(model_dir), checkpoints.CHECKPOINT_DIR, "*", checkpoints.LATEST)
-        )
+    directory = os.fspath(directory)
+    learners = sorted(
+        glob.glob(os.path.join(directory, checkpoints.CHECKPOINT_DIR, "*", checkpoints.LATEST))
     )
     lines = []
-    for name in names:
-        directory = os.path.join(os.fspath(model_dir), checkpoints.CHECKPOINT_DIR, name)
-        saves = checkpoints.read_saves(os.path.join(directory, checkpoints.LATEST))
-        if not saves:
-            continue
-        lines.append(f"{name}: saves in {os.path.join(directory, checkpoints.LATEST)}")
-        lines.append("  meta-updates  train_seconds   hours  s/meta-update since the save before")
-        previous = None
-        for save in saves:
-            speed = ""
-            if previous is not None:
-                seconds = save.train_seconds - previous.train_seconds
-                speed = f"{seconds / (save.meta_updates - previous.meta_updates):.2f}"
-            lines.append(
-                f"  {save.meta_updates:12,d}  {save.train_seconds:13,.1f}  "
-                f"{save.train_seconds / 3600:6.2f}  {speed}".rstrip()
+    for latest in learners:
+        learner = os.path.dirname(latest)
+        lines += _saves(os.path.basename(learner), learner)
+    if lines:
+        return "\n".join([*lines, *_validations(os.path.join(directory, "logs", "validation"), "")])
+    # A run's search is in MODEL_DIR/tuning unless --tune_dir put it elsewhere.
+    for search in (directory, os.path.join(directory, DEFAULT_SEARCH_DIR)):
+        trials = sorted(
+            glob.glob(
+                os.path.join(
+                    search, TRIALS_DIR, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
+                )
             )
-            previous = save
-        for best in checkpoints.read_saves(os.path.join(directory, checkpoints.BEST)):
-            lines.append(
-                f"  best: {best.meta_updates:,d} meta-updates, validation score "
-                f"{best.best_score:.4f}, {best.train_seconds:,.1f} s"
-            )
+        )
+        for latest in trials:
+            trial = os.path.basename(os.path.dirname(os.path.dirname(latest)))
+            saves = _saves(trial, os.path.dirname(latest))
+            if saves:
+                validation = os.path.join(search, TRIAL_LOGS_DIR, trial, "validation")
+                lines += saves + _validations(validation, "  ")
+        if lines:
+            break
     if not lines:
-        raise UserError(f"{model_dir}: no saves under {checkpoints.CHECKPOINT_DIR}/*/latest")
-    iterations, values = plots.read_validation_curve(model_dir)
-    lines.append(f"validation ({plots.VALIDATION_ACCURACY_TAG}):")
-    if not len(iterations):
-        lines.append("  none logged")
-    for iteration, value in zip(iterations, values, strict=True):
-        lines.append(f"  {iteration:12,d}  {100 * value:.2f}%")
+        raise UserError(
+            f"{directory}: no saves under {checkpoints.CHECKPOINT_DIR}/*/{checkpoints.LATEST} "
+            f"(a run) or {TRIALS_DIR}/trial_*/{checkpoints.CHECKPOINT_DIR}/{checkpoints.LATEST} "
+            f"(a search, in MODEL_DIR/{DEFAULT_SEARCH_DIR} by default)"
+        )
     return "\n".join(lines)
 
 
 def main(argv):
-    """`python -m maml_tf.progress MODEL_DIR`: a run's saves, speed and validations."""
+    """`python -m maml_tf.progress DIR`: a run's or a search's saves, speed and validations."""
     return run_command(
         argv,
-        "python -m maml_tf.progress MODEL_DIR",
+        "python -m maml_tf.progress MODEL_DIR|SEARCH_DIR",
         lambda args: len(args) == 1,
-        lambda model_dir: print(report(model_dir)),
+        lambda directory: print(report(directory)),
     )
 
 

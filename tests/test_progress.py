@@ -1,11 +1,12 @@
-"""A run's progress read back from its saves and validation logs."""
+"""A run's or a search's progress read back from its saves and validation logs."""
 
 import keras
 import pytest
 import tensorflow as tf
 from cli import run_module, stderr_tail
 
-from maml_tf import checkpoints, learners, plots, progress
+from maml_tf import checkpoints, learners, plots, progress, tuning
+from maml_tf.config import Config
 from maml_tf.errors import UserError
 from maml_tf.maml import MAML
 
@@ -27,11 +28,11 @@ def _save(model, state, meta_updates, train_seconds, best=False):
     state.save()
 
 
-def _validation(model_dir, points):
+def _validation(model_dir, points, tag=plots.VALIDATION_ACCURACY_TAG):
     writer = tf.summary.create_file_writer(str(model_dir / "logs" / "validation"))
     with writer.as_default():
         for step, value in points:
-            tf.summary.scalar(plots.VALIDATION_ACCURACY_TAG, value, step=step)
+            tf.summary.scalar(tag, value, step=step)
     writer.close()
 
 
@@ -51,12 +52,67 @@ def test_the_speed_is_the_training_time_between_saves_per_meta_update(tmp_path):
         ["400", "1,000.0", "0.28", "2.00"],
     ]
     assert lines[5] == "  best: 250 meta-updates, validation score 0.7500, 700.0 s"
-    assert [line.split() for line in lines[7:]] == [["250", "75.00%"], ["500", "80.00%"]]
+    assert lines[6] == f"validation, after the last inner step ({tmp_path}/logs/validation):"
+    assert [line.split() for line in lines[8:]] == [["250", "75.00%"], ["500", "80.00%"]]
+
+
+def test_each_validation_shows_the_accuracy_and_loss_logged_at_its_meta_update(tmp_path):
+    model, state = _state(tmp_path)
+    _save(model, state, 100, 50.0)
+    _validation(tmp_path, [(50, 0.5), (100, 0.75)])
+    _validation(tmp_path, [(50, 1.25), (100, 0.5), (150, 0.25)], plots.VALIDATION_LOSS_TAG)
+
+    lines = progress.report(tmp_path).splitlines()
+
+    assert lines[-4].split() == ["meta-updates", "query", "accuracy", "query", "loss"]
+    # A regression run logs a loss only.
+    assert [line.split() for line in lines[-3:]] == [
+        ["50", "50.00%", "1.2500"],
+        ["100", "75.00%", "0.5000"],
+        ["150", "0.2500"],
+    ]
+    assert lines[-1].index("0.2500") == lines[-2].index("0.5000")
+
+
+def test_a_search_reports_each_trial_with_its_saves_and_validations(tmp_path):
+    assert (progress.TRIALS_DIR, progress.TRIAL_LOGS_DIR) == (tuning.PROJECT, tuning.LOG_DIR)
+    config = Config(
+        dataset="sinusoid",
+        model_dir=str(tmp_path),
+        train_steps=4,
+        steps_per_epoch=2,
+        val_tasks=5,
+        meta_batch_size=2,
+        k_shot=5,
+        eval_inner_steps=1,
+        verbose=0,
+    )
+    space = tuning.SearchSpace(max_trials=2, inner_lr_range=(1e-3, 1e-1))
+    tuning.tune(config, space)
+
+    lines = progress.report(tmp_path / "tuning").splitlines()
+
+    starts = [i for i, line in enumerate(lines) if line.startswith("trial_")]
+    assert len(starts) == 2 and len(lines) == 18
+    for trial, first in zip(("trial_0", "trial_1"), starts, strict=True):
+        latest = tmp_path / "tuning" / "trials" / trial / "checkpoints" / "latest"
+        assert lines[first] == f"{trial}: saves in {latest}"
+        # Saves at each epoch end; the score is the validation loss.
+        assert [line.split()[0] for line in lines[first + 2 : first + 4]] == ["2", "4"]
+        assert lines[first + 4].startswith("  best: ")
+        validation = tmp_path / "tuning" / "logs" / trial / "validation"
+        assert lines[first + 5] == f"  validation, after the last inner step ({validation}):"
+        # A regression search logs no accuracy: its column is left out.
+        assert lines[first + 6].split() == ["meta-updates", "query", "loss"]
+        rows = [line.split() for line in lines[first + 7 : first + 9]]
+        assert [row[0] for row in rows] == ["2", "4"] and all(len(row) == 2 for row in rows)
+    # The run's directory finds its search in MODEL_DIR/tuning.
+    assert progress.report(tmp_path) == "\n".join(lines)
 
 
 def test_a_directory_without_saves_is_named(tmp_path):
     _validation(tmp_path, [(250, 0.75)])
-    with pytest.raises(UserError, match="no saves under checkpoints/\\*/latest"):
+    with pytest.raises(UserError, match="no saves under checkpoints/\\*/latest \\(a run\\) or"):
         progress.report(tmp_path)
 
 
@@ -71,9 +127,12 @@ def test_the_command_prints_the_report_and_one_line_for_a_run_without_saves_or_b
     failed = run_module("maml_tf.progress", tmp_path / "empty")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'empty'}: no saves under checkpoints/*/latest"
+        f"error: {tmp_path / 'empty'}: no saves under checkpoints/*/latest (a run) or "
+        "trials/trial_*/checkpoints/latest (a search, in MODEL_DIR/tuning by default)"
     )
 
     misused = run_module("maml_tf.progress", tmp_path / "run", tmp_path / "empty")
     assert misused.returncode == 2
-    assert misused.stderr.strip().splitlines()[-1] == "usage: python -m maml_tf.progress MODEL_DIR"
+    assert misused.stderr.strip().splitlines()[-1] == (
+        "usage: python -m maml_tf.progress MODEL_DIR|SEARCH_DIR"
+    )
