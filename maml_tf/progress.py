@@ -139,7 +139,7 @@ def main(argv):
     """`python -m maml_tf.progress DIR`: a run's or a search's saves, speed and validations."""
     return run_command(
         argv,
-        "python -m maml_tf.progress MODEL_DIR|SEARCH_DIR",
+        "python -m maml_tf.progress MODEL_DIR|TUNE_DIR",
         lambda args: len(args) == 1,
         lambda directory: print(report(directory)),
     )

@@ -134,5 +134,5 @@ def test_the_command_prints_the_report_and_one_line_for_a_run_without_saves_or_b
     misused = run_module("maml_tf.progress", tmp_path / "run", tmp_path / "empty")
     assert misused.returncode == 2
     assert misused.stderr.strip().splitlines()[-1] == (
-        "usage: python -m maml_tf.progress MODEL_DIR|SEARCH_DIR"
+        "usage: python -m maml_tf.progress MODEL_DIR|TUNE_DIR"
     )
