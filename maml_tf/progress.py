@@ -90,6 +90,16 @@ def _validations(log_dir, indent):
     return lines
 
 
+def _trial_order(trial):
+    """The sort key of `trial_<id>`: its number.
+
+    keras-tuner pads an id to the digits of `max_trials`, which a continued search may raise: a
+    search of 9 trials continued to 20 holds `trial_8`, then `trial_09` and `trial_10`.
+    """
+    number = trial.removeprefix("trial_")
+    return (0, int(number), trial) if number.isdigit() else (1, 0, trial)
+
+
 def report(directory):
     """The progress of the run or search in `directory` as text.
 
@@ -111,16 +121,15 @@ def report(directory):
         return "\n".join([*lines, *_validations(os.path.join(directory, "logs", "validation"), "")])
     # A run's search is in MODEL_DIR/tuning unless --tune_dir put it elsewhere.
     for search in (directory, os.path.join(directory, DEFAULT_SEARCH_DIR)):
-        trials = sorted(
-            glob.glob(
-                os.path.join(
-                    search, TRIALS_DIR, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
-                )
-            )
+        pattern = os.path.join(
+            search, TRIALS_DIR, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
         )
-        for latest in trials:
-            trial = os.path.basename(os.path.dirname(os.path.dirname(latest)))
-            saves = _saves(trial, os.path.dirname(latest))
+        trials = {
+            os.path.basename(os.path.dirname(os.path.dirname(latest))): os.path.dirname(latest)
+            for latest in glob.glob(pattern)
+        }
+        for trial in sorted(trials, key=_trial_order):
+            saves = _saves(trial, trials[trial])
             if saves:
                 validation = os.path.join(search, TRIAL_LOGS_DIR, trial, "validation")
                 lines += saves + _validations(validation, "  ")

@@ -11,11 +11,12 @@ from maml_tf.errors import UserError
 from maml_tf.maml import MAML
 
 
-def _state(model_dir):
+def _state(model_dir, directory=None):
+    """A model and its `TrainingState` in `directory` (default: the run's `checkpoints/maml`)."""
     keras.utils.set_random_seed(0)
     model = MAML(learners.mlp(), inner_lr=0.01, inner_steps=1)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    directory = model_dir / checkpoints.CHECKPOINT_DIR / "maml"
+    directory = directory or model_dir / checkpoints.CHECKPOINT_DIR / "maml"
     return model, checkpoints.TrainingState(str(directory), model, keep=3)
 
 
@@ -114,6 +115,21 @@ def test_a_directory_without_saves_is_named(tmp_path):
     _validation(tmp_path, [(250, 0.75)])
     with pytest.raises(UserError, match="no saves under checkpoints/\\*/latest \\(a run\\) or"):
         progress.report(tmp_path)
+
+
+def test_trials_are_in_the_order_of_their_numbers(tmp_path):
+    # A search continued with a larger max_trials pads its new ids to more digits.
+    for trial, meta_updates in (("trial_10", 30), ("trial_09", 20), ("trial_8", 10)):
+        directory = tmp_path / "trials" / trial / checkpoints.CHECKPOINT_DIR
+        _save(*_state(tmp_path, directory), meta_updates, 1.0)
+
+    lines = progress.report(tmp_path).splitlines()
+
+    assert [line.split(":")[0] for line in lines if line.startswith("trial_")] == [
+        "trial_8",
+        "trial_09",
+        "trial_10",
+    ]
 
 
 def test_the_command_prints_the_report_and_one_line_for_a_run_without_saves_or_bad_usage(tmp_path):
