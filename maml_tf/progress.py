@@ -104,7 +104,8 @@ def report(directory):
     """The progress of the run or search in `directory` as text.
 
     A run (a `--model_dir`) gives one table of saves per learner it saved, then its validations;
-    a search gives, for each trial with a save, the trial's saves and validations.
+    a search (a `--tune_dir`, or the `tuning` directory of a `--model_dir` that holds no run)
+    gives, for each trial with a save, the trial's saves and validations.
 
     Raises:
       UserError: the directory holds no saves of a run or of a trial.
