@@ -19,13 +19,8 @@ if __name__ == "__main__":
     # Run as a command, as main.py: fewer of TensorFlow's C++ start-up lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from maml_tf import checkpoints, plots  # noqa: E402
+from maml_tf import checkpoints, plots, tuning  # noqa: E402
 from maml_tf.errors import UserError, run_command  # noqa: E402
-
-# A search's layout (`maml_tf.tuning`, not imported: it loads keras-tuner).
-TRIALS_DIR = "trials"
-TRIAL_LOGS_DIR = "logs"
-DEFAULT_SEARCH_DIR = "tuning"
 
 
 def _saves(title, directory):
@@ -111,38 +106,33 @@ def report(directory):
       UserError: the directory holds no saves of a run or of a trial.
     """
     directory = os.fspath(directory)
-    learners = sorted(
-        glob.glob(os.path.join(directory, checkpoints.CHECKPOINT_DIR, "*", checkpoints.LATEST))
+    run_saves = os.path.join(checkpoints.CHECKPOINT_DIR, "*", checkpoints.LATEST)
+    trial_saves = os.path.join(
+        tuning.PROJECT, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
     )
     lines = []
-    for latest in learners:
+    for latest in sorted(glob.glob(os.path.join(directory, run_saves))):
         learner = os.path.dirname(latest)
         lines += _saves(os.path.basename(learner), learner)
     if lines:
         return "\n".join([*lines, *_validations(os.path.join(directory, "logs", "validation"), "")])
     # A run's search is in MODEL_DIR/tuning unless --tune_dir put it elsewhere.
-    for search in (directory, os.path.join(directory, DEFAULT_SEARCH_DIR)):
-        pattern = os.path.join(
-            search, TRIALS_DIR, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
-        )
+    for search in (directory, os.path.join(directory, tuning.DEFAULT_DIR)):
         trials = {
             os.path.basename(os.path.dirname(os.path.dirname(latest))): os.path.dirname(latest)
-            for latest in glob.glob(pattern)
+            for latest in glob.glob(os.path.join(search, trial_saves))
         }
         for trial in sorted(trials, key=_trial_order):
             saves = _saves(trial, trials[trial])
             if saves:
-                validation = os.path.join(search, TRIAL_LOGS_DIR, trial, "validation")
+                validation = os.path.join(search, tuning.LOG_DIR, trial, "validation")
                 lines += saves + _validations(validation, "  ")
         if lines:
-            break
-    if not lines:
-        raise UserError(
-            f"{directory}: no saves under {checkpoints.CHECKPOINT_DIR}/*/{checkpoints.LATEST} "
-            f"(a run) or {TRIALS_DIR}/trial_*/{checkpoints.CHECKPOINT_DIR}/{checkpoints.LATEST} "
-            f"(a search, in MODEL_DIR/{DEFAULT_SEARCH_DIR} by default)"
-        )
-    return "\n".join(lines)
+            return "\n".join(lines)
+    raise UserError(
+        f"{directory}: no saves under {run_saves} (a run) or {trial_saves} "
+        f"(a search, in MODEL_DIR/{tuning.DEFAULT_DIR} by default)"
+    )
 
 
 def main(argv):

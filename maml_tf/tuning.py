@@ -51,6 +51,8 @@ from maml_tf.errors import Stopped, Terminated, UserError
 
 PROJECT = "trials"
 LOG_DIR = "logs"
+# A search's directory inside MODEL_DIR when --tune_dir is not given.
+DEFAULT_DIR = "tuning"
 SEARCH_FILE = "search.json"
 FLAGFILE = "best.flags"
 TRIALS_TABLE = "trials.md"
@@ -194,7 +196,7 @@ class SearchSpace:
 
         return dataclasses.replace(
             self,
-            directory=self.directory or os.path.join(config.model_dir, "tuning"),
+            directory=self.directory or os.path.join(config.model_dir, DEFAULT_DIR),
             inner_lr_range=self.inner_lr_range or around(config.inner_lr),
             outer_lr_range=self.outer_lr_range or around(config.outer_lr),
             inner_steps_range=self.inner_steps_range or (config.inner_steps,) * 2,

@@ -76,7 +76,6 @@ def test_each_validation_shows_the_accuracy_and_loss_logged_at_its_meta_update(t
 
 
 def test_a_search_reports_each_trial_with_its_saves_and_validations(tmp_path):
-    assert (progress.TRIALS_DIR, progress.TRIAL_LOGS_DIR) == (tuning.PROJECT, tuning.LOG_DIR)
     config = Config(
         dataset="sinusoid",
         model_dir=str(tmp_path),
