@@ -57,18 +57,14 @@ def _validations(log_dir, indent):
 
     A column is left out when it was never logged (a regression run logs no accuracy).
     """
-    scalars = plots.read_scalars(
+    accuracy, loss = plots.read_scalars(
         log_dir, (plots.VALIDATION_ACCURACY_TAG, plots.VALIDATION_LOSS_TAG)
     ).values()
     columns = [
         (title, values, show)
-        for (title, show), values in zip(
-            (
-                ("query accuracy", lambda value: f"{100 * value:.2f}%"),
-                ("query loss", "{:.4f}".format),
-            ),
-            scalars,
-            strict=True,
+        for title, values, show in (
+            ("query accuracy", accuracy, lambda value: f"{100 * value:.2f}%"),
+            ("query loss", loss, "{:.4f}".format),
         )
         if values
     ]
