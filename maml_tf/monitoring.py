@@ -28,7 +28,7 @@ leak memory (see there); use it in its place.
 
 Example:
 
-    log_dir = os.path.join(config.model_dir, "logs")
+    log_dir = os.path.join(config.model_dir, plots.LOG_DIR)
     callbacks = [
         monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False),
         *monitoring.monitoring_callbacks(config, datasets, log_dir),
@@ -51,11 +51,6 @@ from tensorboard.plugins.hparams import summary as hparams_summary
 
 from maml_tf import plots
 from maml_tf.config import DATASETS, OMNIGLOT_SPLITS, ROTATIONS
-
-# Where Keras' TensorBoard callback writes, relative to its log directory (keras/src/callbacks/
-# tensorboard.py): the hparams metrics below are looked up there.
-TRAIN_RUN = "train"
-VALIDATION_RUN = "validation"
 
 EPISODE_TAGS = {"support": "episode/support", "query": "episode/query"}
 SINUSOID_FIT_TAG = "sinusoid_fit"
@@ -95,13 +90,15 @@ _HPARAMS = (
     hp.HParam("eval_seed", description="fixed validation and test tasks"),
 )
 HPARAM_NAMES = tuple(h.name for h in _HPARAMS)
+# The HParams plugin looks each metric up in its group, the run Keras' TensorBoard callback
+# writes it to.
 _METRICS = (
     hp.Metric(
-        "epoch_query_accuracy", group=VALIDATION_RUN, display_name="validation query accuracy"
+        "epoch_query_accuracy", group=plots.VALIDATION_RUN, display_name="validation query accuracy"
     ),
-    hp.Metric("epoch_query_loss", group=VALIDATION_RUN, display_name="validation query loss"),
-    hp.Metric("epoch_query_accuracy", group=TRAIN_RUN, display_name="train query accuracy"),
-    hp.Metric("epoch_query_loss", group=TRAIN_RUN, display_name="train query loss"),
+    hp.Metric("epoch_query_loss", group=plots.VALIDATION_RUN, display_name="validation query loss"),
+    hp.Metric("epoch_query_accuracy", group=plots.TRAIN_RUN, display_name="train query accuracy"),
+    hp.Metric("epoch_query_loss", group=plots.TRAIN_RUN, display_name="train query loss"),
 )
 # Read from the model when it has them, so that a run with other values than the config's (the
 # pretrained baseline trains with 0 inner steps) reports what it actually used.
@@ -352,7 +349,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     profiling are Keras' own.
     """
 
-    def __init__(self, log_dir="logs", **kwargs):
+    def __init__(self, log_dir=plots.LOG_DIR, **kwargs):
         if kwargs.get("update_freq", "epoch") != "epoch":
             raise ValueError("EpochTensorBoard writes per epoch only; use keras' TensorBoard")
         super().__init__(log_dir=log_dir, **kwargs)

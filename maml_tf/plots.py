@@ -22,6 +22,12 @@ from maml_tf.errors import UserError, run_command  # noqa: E402
 VALIDATION_ACCURACY_TAG = "evaluation_query_accuracy_vs_iterations"
 VALIDATION_LOSS_TAG = "evaluation_query_loss_vs_iterations"
 
+# A run's TensorBoard logs are in MODEL_DIR/LOG_DIR. Keras' TensorBoard callback writes its
+# training and validation epochs to these runs inside them (keras/src/callbacks/tensorboard.py).
+LOG_DIR = "logs"
+TRAIN_RUN = "train"
+VALIDATION_RUN = "validation"
+
 
 def sinusoid_fit(path, task, panels, steps=(0, 1, 10)):
     """Draws the true curve, the K support points and the fits after a few inner steps.
@@ -100,7 +106,7 @@ def read_validation_curve(model_dir, tag=VALIDATION_ACCURACY_TAG):
     Returns:
       (iterations, values): int64 [n] sorted ascending and float64 [n].
     """
-    values = read_scalars(os.path.join(model_dir, "logs", "validation"), [tag])[tag]
+    values = read_scalars(os.path.join(model_dir, LOG_DIR, VALIDATION_RUN), [tag])[tag]
     iterations = np.array(sorted(values), np.int64)
     return iterations, np.array([values[i] for i in iterations], np.float64)
 

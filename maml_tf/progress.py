@@ -19,7 +19,7 @@ if __name__ == "__main__":
     # Run as a command, as main.py: fewer of TensorFlow's C++ start-up lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from maml_tf import checkpoints, monitoring, plots, tuning  # noqa: E402
+from maml_tf import checkpoints, plots, tuning  # noqa: E402
 from maml_tf.errors import UserError, run_command  # noqa: E402
 
 
@@ -111,9 +111,8 @@ def report(directory):
         learner = os.path.dirname(latest)
         lines += _saves(os.path.basename(learner), learner)
     if lines:
-        return "\n".join(
-            [*lines, *_validations(os.path.join(directory, "logs", monitoring.VALIDATION_RUN), "")]
-        )
+        validation = os.path.join(directory, plots.LOG_DIR, plots.VALIDATION_RUN)
+        return "\n".join(lines + _validations(validation, ""))
     # A run's search is in MODEL_DIR/tuning unless --tune_dir put it elsewhere.
     for search in (directory, os.path.join(directory, tuning.DEFAULT_DIR)):
         trials = {
@@ -123,7 +122,7 @@ def report(directory):
         for trial in sorted(trials, key=_trial_order):
             saves = _saves(trial, trials[trial])
             if saves:
-                validation = os.path.join(search, tuning.LOG_DIR, trial, monitoring.VALIDATION_RUN)
+                validation = os.path.join(search, tuning.LOG_DIR, trial, plots.VALIDATION_RUN)
                 lines += saves + _validations(validation, "  ")
         if lines:
             return "\n".join(lines)

@@ -282,7 +282,7 @@ def _train_baseline(config, datasets):
         config,
         baseline,
         datasets,
-        os.path.join(config.model_dir, "logs", "baseline"),
+        os.path.join(config.model_dir, plots.LOG_DIR, "baseline"),
         os.path.join(config.model_dir, checkpoints.CHECKPOINT_DIR, "baseline"),
     )
     checkpoints.atomic_save_weights(
@@ -553,7 +553,7 @@ def train(config):
         config,
         model,
         datasets,
-        os.path.join(config.model_dir, "logs"),
+        os.path.join(config.model_dir, plots.LOG_DIR),
         os.path.join(config.model_dir, checkpoints.CHECKPOINT_DIR, "maml"),
         best_path=os.path.join(config.model_dir, BEST_WEIGHTS),
     )

@@ -44,7 +44,7 @@ from absl import logging
 from keras_tuner.src.engine import tuner_utils
 from tensorboard.plugins.hparams import api as hparams_api
 
-from maml_tf import checkpoints, monitoring, training
+from maml_tf import checkpoints, monitoring, plots, training
 from maml_tf.config import TUNERS, TUNING_FIELDS, dataset_reads, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import Stopped, Terminated, UserError
@@ -275,7 +275,7 @@ def _hparams_metrics(config):
     names = ["query_loss"] + (["query_accuracy"] if config.classification else [])
     return [
         hparams_api.Metric(f"epoch_{name}", group=group, display_name=f"{group} {name}")
-        for group in ("validation", "train")
+        for group in (plots.VALIDATION_RUN, plots.TRAIN_RUN)
         for name in names
     ]
 
