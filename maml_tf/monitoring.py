@@ -90,16 +90,23 @@ _HPARAMS = (
     hp.HParam("eval_seed", description="fixed validation and test tasks"),
 )
 HPARAM_NAMES = tuple(h.name for h in _HPARAMS)
-# The HParams plugin looks each metric up in its group, the run Keras' TensorBoard callback
-# writes it to.
-_METRICS = (
-    hp.Metric(
-        "epoch_query_accuracy", group=plots.VALIDATION_RUN, display_name="validation query accuracy"
-    ),
-    hp.Metric("epoch_query_loss", group=plots.VALIDATION_RUN, display_name="validation query loss"),
-    hp.Metric("epoch_query_accuracy", group=plots.TRAIN_RUN, display_name="train query accuracy"),
-    hp.Metric("epoch_query_loss", group=plots.TRAIN_RUN, display_name="train query loss"),
-)
+
+
+def hparams_metrics(classification=True):
+    """The HParams plugin's metrics: the epoch query accuracy and loss of validation and training.
+
+    The plugin looks each metric up in its group, the run Keras' TensorBoard callback writes it
+    to. A run's experiment lists the accuracy even for regression, so that it is the same for
+    every run in one dashboard; a search, whose experiment is its own, passes `classification`.
+    """
+    names = ("query_accuracy", "query_loss") if classification else ("query_loss",)
+    return [
+        hp.Metric(f"epoch_{name}", group=run, display_name=f"{run} {name.replace('_', ' ')}")
+        for run in (plots.VALIDATION_RUN, plots.TRAIN_RUN)
+        for name in names
+    ]
+
+
 # Read from the model when it has them, so that a run with other values than the config's (the
 # pretrained baseline trains with 0 inner steps) reports what it actually used.
 _MODEL_HPARAMS = ("inner_lr", "inner_steps", "eval_inner_steps", "first_order")
@@ -250,7 +257,7 @@ class HParamsSummary(_OncePerRun):
         self.config = config
 
     def write(self):
-        hp.hparams_config(hparams=list(_HPARAMS), metrics=list(_METRICS))
+        hp.hparams_config(hparams=list(_HPARAMS), metrics=hparams_metrics())
         hp.hparams(run_hparams(self.config, self.model), start_time_secs=int(time.time()))
 
     def on_train_end(self, logs=None):

@@ -44,7 +44,7 @@ from absl import logging
 from keras_tuner.src.engine import tuner_utils
 from tensorboard.plugins.hparams import api as hparams_api
 
-from maml_tf import checkpoints, monitoring, plots, training
+from maml_tf import checkpoints, monitoring, training
 from maml_tf.config import TUNERS, TUNING_FIELDS, dataset_reads, with_legacy_fields
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import Stopped, Terminated, UserError
@@ -269,15 +269,6 @@ def _hparams_domains(space, first_order):
         "first_order": hparams_api.Discrete(orders),
     }
     return {name: hparams_api.HParam(name, domain) for name, domain in domains.items()}
-
-
-def _hparams_metrics(config):
-    names = ["query_loss"] + (["query_accuracy"] if config.classification else [])
-    return [
-        hparams_api.Metric(f"epoch_{name}", group=group, display_name=f"{group} {name}")
-        for group in (plots.VALIDATION_RUN, plots.TRAIN_RUN)
-        for name in names
-    ]
 
 
 class MamlHyperModel(kt.HyperModel):
@@ -694,7 +685,8 @@ def _write_hparams_config(log_dir, hypermodel, config):
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default():
         hparams_api.hparams_config(
-            hparams=list(hypermodel.hparams.values()), metrics=_hparams_metrics(config)
+            hparams=list(hypermodel.hparams.values()),
+            metrics=monitoring.hparams_metrics(config.classification),
         )
     writer.close()
 

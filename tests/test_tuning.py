@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
 from cli import run_main, stderr_tail
+from tensorboard.plugins.hparams import plugin_data_pb2
 from tfevents import events
 from weights import weight_arrays
 
@@ -149,12 +150,28 @@ def test_each_tuner_writes_the_best_trial_as_a_flagfile(tmp_path, space):
 def test_trials_are_logged_for_tensorboard_scalars_and_hparams(tmp_path):
     tuning.tune(_config(tmp_path), dataclasses.replace(SPACE, max_trials=1))
 
-    events = _events(str(tmp_path / "tuning" / "logs"))
-    assert (".", "_hparams_/experiment", "hparams") in events
-    assert ("trial_0", "_hparams_/session_start_info", "hparams") in events
-    tags = {(run, tag) for run, tag, _ in events}
+    logged = _events(str(tmp_path / "tuning" / "logs"))
+    assert (".", "_hparams_/experiment", "hparams") in logged
+    assert ("trial_0", "_hparams_/session_start_info", "hparams") in logged
+    tags = {(run, tag) for run, tag, _ in logged}
     assert ("trial_0/validation", "epoch_query_loss") in tags
     assert ("trial_0/train", "epoch_query_loss") in tags
+    # Each metric of the search's experiment is logged in its group, and a regression search
+    # lists no accuracy, which it never logs.
+    (value,) = [
+        value
+        for run, _, value in events(tmp_path / "tuning" / "logs")
+        if (run, value.tag) == (".", "_hparams_/experiment")
+    ]
+    metrics = plugin_data_pb2.HParamsPluginData.FromString(
+        value.metadata.plugin_data.content
+    ).experiment.metric_infos
+    assert sorted((m.name.group, m.name.tag) for m in metrics) == [
+        ("train", "epoch_query_loss"),
+        ("validation", "epoch_query_loss"),
+    ]
+    for metric in metrics:
+        assert (f"trial_0/{metric.name.group}", metric.name.tag) in tags
 
 
 def test_a_rerun_search_continues_without_repeating_finished_trials(tmp_path, fits):
