@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-from tfevents import events
+from tensorboard.plugins.hparams import api_pb2
+from tfevents import events, hparams_data
 
 from maml_tf import MAML, learners, monitoring
 from maml_tf.config import Config
@@ -110,16 +110,11 @@ def classification_run(tmp_path_factory):
 
 def session_start(logs):
     """The hparams session start of the run written in the log directory itself."""
-    value = logs.values["."]["_hparams_/session_start_info"][0]
-    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    return data.session_start_info
+    return hparams_data(logs.values["."]["_hparams_/session_start_info"][0]).session_start_info
 
 
 def experiment(logs):
-    value = logs.values["."]["_hparams_/experiment"][0]
-    return plugin_data_pb2.HParamsPluginData.FromString(
-        value.metadata.plugin_data.content
-    ).experiment
+    return hparams_data(logs.values["."]["_hparams_/experiment"][0]).experiment
 
 
 def test_train_run_has_query_loss_support_loss_and_accuracy_per_epoch(classification_run):
@@ -171,9 +166,8 @@ def test_hparams_metrics_are_logged_where_the_experiment_says(classification_run
 
 def test_hparams_session_ends_with_success(sinusoid_run):
     _, logs = sinusoid_run
-    value = logs.values["."]["_hparams_/session_end_info"][0]
-    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    assert data.session_end_info.status == api_pb2.STATUS_SUCCESS
+    end = hparams_data(logs.values["."]["_hparams_/session_end_info"][0]).session_end_info
+    assert end.status == api_pb2.STATUS_SUCCESS
 
 
 def test_inner_step_layout_matches_the_validation_tags(classification_run):

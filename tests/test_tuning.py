@@ -12,8 +12,7 @@ import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
 from cli import run_main, stderr_tail
-from tensorboard.plugins.hparams import plugin_data_pb2
-from tfevents import events
+from tfevents import events, hparams_data
 from weights import weight_arrays
 
 import flags
@@ -163,9 +162,7 @@ def test_trials_are_logged_for_tensorboard_scalars_and_hparams(tmp_path):
         for run, _, value in events(tmp_path / "tuning" / "logs")
         if (run, value.tag) == (".", "_hparams_/experiment")
     ]
-    metrics = plugin_data_pb2.HParamsPluginData.FromString(
-        value.metadata.plugin_data.content
-    ).experiment.metric_infos
+    metrics = hparams_data(value).experiment.metric_infos
     assert sorted((m.name.group, m.name.tag) for m in metrics) == [
         ("train", "epoch_query_loss"),
         ("validation", "epoch_query_loss"),

@@ -4,6 +4,7 @@ import glob
 import os
 
 import tensorflow as tf
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 
 def events(log_dir):
@@ -14,3 +15,8 @@ def events(log_dir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 yield run, event.step, value
+
+
+def hparams_data(value):
+    """The HParams plugin's data (experiment, session start or end) in one summary value."""
+    return plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
