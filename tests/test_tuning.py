@@ -94,14 +94,6 @@ def _parse_flagfile(path):
     return flag_values
 
 
-def _events(directory):
-    """(run relative to `directory`, tag, plugin name) of every summary under `directory`."""
-    return {
-        (run, value.tag, value.metadata.plugin_data.plugin_name)
-        for run, _, value in events(directory)
-    }
-
-
 @pytest.mark.parametrize(
     "space",
     [
@@ -149,7 +141,8 @@ def test_each_tuner_writes_the_best_trial_as_a_flagfile(tmp_path, space):
 def test_trials_are_logged_for_tensorboard_scalars_and_hparams(tmp_path):
     tuning.tune(_config(tmp_path), dataclasses.replace(SPACE, max_trials=1))
 
-    logged = _events(str(tmp_path / "tuning" / "logs"))
+    summaries = [(run, value) for run, _, value in events(tmp_path / "tuning" / "logs")]
+    logged = {(run, v.tag, v.metadata.plugin_data.plugin_name) for run, v in summaries}
     assert (".", "_hparams_/experiment", "hparams") in logged
     assert ("trial_0", "_hparams_/session_start_info", "hparams") in logged
     tags = {(run, tag) for run, tag, _ in logged}
@@ -157,11 +150,7 @@ def test_trials_are_logged_for_tensorboard_scalars_and_hparams(tmp_path):
     assert ("trial_0/train", "epoch_query_loss") in tags
     # Each metric of the search's experiment is logged in its group, and a regression search
     # lists no accuracy, which it never logs.
-    (value,) = [
-        value
-        for run, _, value in events(tmp_path / "tuning" / "logs")
-        if (run, value.tag) == (".", "_hparams_/experiment")
-    ]
+    (value,) = [v for run, v in summaries if (run, v.tag) == (".", "_hparams_/experiment")]
     metrics = hparams_data(value).experiment.metric_infos
     assert sorted((m.name.group, m.name.tag) for m in metrics) == [
         ("train", "epoch_query_loss"),
