@@ -1,9 +1,12 @@
 """A run's or a search's progress read back from its saves and validation logs."""
 
+import os
+import re
+
 import keras
 import pytest
 import tensorflow as tf
-from cli import run_module, stderr_tail
+from cli import ROOT, run_module, stderr_tail
 
 from maml_tf import checkpoints, learners, plots, progress, tuning
 from maml_tf.config import Config
@@ -151,3 +154,17 @@ def test_the_command_prints_the_report_and_one_line_for_a_run_without_saves_or_b
     assert misused.stderr.strip().splitlines()[-1] == (
         "usage: python -m maml_tf.progress MODEL_DIR|TUNE_DIR"
     )
+
+
+def test_the_readme_example_is_what_the_command_prints_for_the_committed_run(monkeypatch):
+    """README's `progress` example is copied by hand each time the unfinished run goes on: a copy
+    left behind by a continued run must fail here, not mislead a reader."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        example = re.search(r"```\n\$ python -m maml_tf\.progress (\S+)\n(.*?)```", f.read(), re.S)
+    shown = example.group(2).splitlines()
+    monkeypatch.chdir(ROOT)  # the example names the run relative to the checkout
+    printed = progress.report(example.group(1)).splitlines()
+    # "  ..." stands for the validations between the first and the last.
+    gap = shown.index("  ...")
+    assert printed[:gap] == shown[:gap]
+    assert printed[len(printed) - (len(shown) - gap - 1) :] == shown[gap + 1 :]
