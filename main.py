@@ -3,6 +3,7 @@
     python main.py                                  # sinusoid regression, the paper's settings
     python main.py --k_shot=5 --model_dir=runs/k5   # another K
     python main.py --mode=eval --model_dir=runs/k5  # meta-test a saved run again
+    python main.py --mode=validate --model_dir=runs/k5  # its θ on the validation tasks
     python main.py --mode=export --model_dir=runs/k5 --export_dir=exports/k5
     python main.py --mode=tune --tuner=bayesian --max_trials=20 --train_steps=5000
     python main.py --flagfile=runs/sinusoid/tuning/best.flags --model_dir=runs/tuned
@@ -35,6 +36,7 @@ AGAIN = {
     "train": "the saves made before it are intact; the same command run again continues from "
     "the newest",
     "eval": "nothing was written; run the same command again to meta-test",
+    "validate": "nothing was written; run the same command again to validate",
     "export": "--export_dir is as it was before; run the same command again to export",
     "tune": "the same command run again continues the search (the trial that was running "
     "from its last save)",
@@ -65,6 +67,7 @@ def main(argv):
         run = {
             "train": training.train,
             "eval": training.evaluate,
+            "validate": training.validate,
             "export": training.export_run,
             "tune": tuning.tune,
         }

@@ -78,6 +78,10 @@ MODE_ONLY = {
     "export_dir": "export",
     "overwrite": "export",
 }
+# Flags that other modes read but this mode would ignore, with the reason the error gives.
+IGNORED_BY = {
+    ("test_tasks", "validate"): "it uses the run's own validation tasks (its val_tasks)",
+}
 
 
 def _mode_only(flag_values):
@@ -92,6 +96,14 @@ def _mode_only(flag_values):
             return True
 
         flags.register_validator(name, check, flag_values=flag_values)
+    for (name, ignorer), reason in IGNORED_BY.items():
+
+        def refuse(_, name=name, ignorer=ignorer, reason=reason):
+            if flag_values[name].present and flag_values["mode"].value == ignorer:
+                raise flags.ValidationError(f"--mode={ignorer} does not read it: {reason}")
+            return True
+
+        flags.register_validator(name, refuse, flag_values=flag_values)
 
 
 def _positive(name, symbol, flag_values):
@@ -142,6 +154,8 @@ def define_flags(flag_values=flags.FLAGS):
         "mode",
         "train",
         "train: meta-train, meta-test and export; eval: meta-test a saved run in --model_dir; "
+        "validate: the same on the run's fixed validation tasks (those that chose its best "
+        "save); "
         "export: write the run in --model_dir as a SavedModel to --export_dir; "
         "tune: search α, β, step counts (and order) with keras-tuner, writing TUNE_DIR/best.flags.",
         enum_values=list(MODES),

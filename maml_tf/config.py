@@ -10,7 +10,7 @@ import os
 from maml_tf.errors import UserError
 
 DATASETS = ("sinusoid", "omniglot", "folder")
-MODES = ("train", "eval", "export", "tune")
+MODES = ("train", "eval", "validate", "export", "tune")
 TUNERS = ("random", "bayesian", "hyperband")
 # Config fields that only `--mode=tune` reads.
 TUNING_FIELDS = (

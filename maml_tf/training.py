@@ -24,6 +24,7 @@ BASELINE_WEIGHTS = "baseline.weights.h5"
 RESULTS = "results.json"
 EXPORT_DIR = "export"
 EVAL_RESULTS = "eval_results.json"
+VAL_RESULTS = "val_results.json"
 # Step sizes tried for fine-tuning the pretrained baseline at test time; the paper tuned the
 # baseline's step size automatically, here the best on the validation tasks is kept.
 BASELINE_INNER_LRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -347,13 +348,23 @@ def _init_from(config, model):
 
 
 def _finish(
-    config, model, datasets, train_seconds, baseline, baseline_inner_lr, results_name, weights_dir
+    config,
+    model,
+    datasets,
+    train_seconds,
+    baseline,
+    baseline_inner_lr,
+    results_name,
+    weights_dir,
+    split="test",
 ):
     weights = os.path.join(weights_dir, load_weights(config, model, weights_dir))
+    tasks = datasets.test if split == "test" else datasets.val
     protocol = {
         **datasets.protocol,
         "dataset": config.dataset,
-        "test_tasks": config.test_tasks,
+        "tasks": split,
+        f"{split}_tasks": getattr(config, f"{split}_tasks"),
         "eval_seed": config.eval_seed,
         "eval_inner_steps": config.eval_inner_steps,
         "inner_lr": config.inner_lr,
@@ -362,12 +373,13 @@ def _finish(
         "confidence_interval": "95%, 1.96 * sample std / sqrt(tasks)",
     }
     start = time.perf_counter()
-    test = evaluation.evaluate(model, datasets.test)
+    test = evaluation.evaluate(model, tasks)
     test_seconds = time.perf_counter() - start
     baseline_test = figure_path = None
     if baseline is not None:
-        baseline_test = evaluation.evaluate(baseline, datasets.test)
-    if config.dataset == "sinusoid":
+        baseline_test = evaluation.evaluate(baseline, tasks)
+    # The fit plot shows a meta-test task; a validation leaves the one already drawn.
+    if config.dataset == "sinusoid" and split == "test":
         task = {k: v[0] for k, v in next(iter(datasets.test)).items()}
         panels = {"MAML": model}
         if baseline is not None:
@@ -613,7 +625,7 @@ EVAL_OVERRIDES = (
 )
 
 
-def evaluate(config):
+def evaluate(config, split="test"):
     """Meta-tests the run saved in `config.model_dir`, or the model in `config.init_from`.
 
     The saved config decides the model; its protocol fields (`EVAL_OVERRIDES`) are replaced by
@@ -622,10 +634,12 @@ def evaluate(config):
     Args:
       config: a `Config` whose `init_from` or else `model_dir` holds a trained run (or a
         pretrained model: `config.json` and weights).
+      split: "test", the run's `test_tasks` fixed meta-test tasks; or "val", its `val_tasks`
+        fixed validation tasks (see `validate`).
 
     Returns:
-      `RunResult` with `train_seconds` None; also written to `MODEL_DIR/eval_results.json` (a
-      training run's `results.json` is left as it was).
+      `RunResult` with `train_seconds` None; also written to `MODEL_DIR/eval_results.json`
+      (`val_results.json` for "val"; a training run's `results.json` is left as it was).
 
     Raises:
       UserError: no run there, a flag that contradicts the saved model, or bad data.
@@ -647,9 +661,30 @@ def evaluate(config):
             baseline = build_model(saved, build_learner(saved), baseline_inner_lr)
             baseline.learner.load_weights(baseline_path)
     make_dir(saved.model_dir, "model_dir")
+    results_name = EVAL_RESULTS if split == "test" else VAL_RESULTS
     return _finish(
-        saved, model, datasets, None, baseline, baseline_inner_lr, EVAL_RESULTS, weights_dir
+        saved, model, datasets, None, baseline, baseline_inner_lr, results_name, weights_dir, split
     )
+
+
+def validate(config):
+    """Evaluates a saved θ on the run's fixed validation tasks, as training validates each epoch.
+
+    The tasks are the `val_tasks` drawn with `eval_seed` that chose the run's best save, so the
+    query accuracy (the loss for regression) after `eval_inner_steps` steps of the best weights
+    is that save's validation score: a check that a run, a copy of it or a pretrained model
+    still gives the figure it was selected by, on this machine and data. Usage:
+
+        python main.py --mode=validate --model_dir=runs/omniglot_20w5s --data_dir=DIR
+
+    Returns:
+      `RunResult` over the validation tasks (`test` holds their curves), also written to
+      `MODEL_DIR/val_results.json`.
+
+    Raises:
+      UserError: as `evaluate`.
+    """
+    return evaluate(config, split="val")
 
 
 def saved_config(directory, flag=None):
@@ -740,15 +775,18 @@ def summary(result):
         task = f"{config.n_way}-way {config.k_shot}-shot, {config.n_query} {queries} per class"
     else:
         task = f"K={config.k_shot}, {config.n_query} query points"
+    validation = result.protocol.get("tasks") == "val"
     lines = [
-        f"Meta-test on {result.test.num_tasks} fixed tasks ({config.dataset}, {task}, "
+        f"{'Validation' if validation else 'Meta-test'} on {result.test.num_tasks} fixed "
+        f"{'validation ' if validation else ''}tasks ({config.dataset}, {task}, "
         f"α={config.inner_lr}, weights {result.protocol['weights']}), "
         "mean ± 95% CI after each inner step:",
         evaluation.format_table(columns, digits=2 if config.classification else 4),
     ]
     if result.train_seconds is not None:
         lines.append(f"meta-training: {config.train_steps} steps in {result.train_seconds:.0f} s")
-    lines.append(f"meta-test: {result.test.num_tasks} tasks in {result.test_seconds:.0f} s")
+    name = "validation" if validation else "meta-test"
+    lines.append(f"{name}: {result.test.num_tasks} tasks in {result.test_seconds:.0f} s")
     if result.figure_path:
         lines.append(f"plot: {result.figure_path}")
     if result.train_seconds is not None:

@@ -197,6 +197,11 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path):
             ["--mode=tune", "--overwrite"],
             "flag --overwrite=True: only --mode=export reads it; this is --mode=tune",
         ),
+        (
+            ["--test_tasks=5", "--mode=validate"],
+            "flag --test_tasks=5: --mode=validate does not read it: it uses the run's own "
+            "validation tasks (its val_tasks)",
+        ),
     ],
 )
 def test_a_flag_of_another_mode_is_refused(argv, message):
@@ -212,6 +217,8 @@ def test_a_flag_of_another_mode_is_refused(argv, message):
         ["--tuner=bayesian", "--inner_lr_range=0.01,0.1", "--tune_first_order", "--mode=tune"],
         ["--mode=export", "--export_dir=/tmp/e", "--overwrite"],
         ["--mode=eval"],
+        ["--mode=eval", "--test_tasks=5"],
+        ["--mode=validate", "--val_tasks=5"],
     ],
 )
 def test_a_flag_of_its_own_mode_is_accepted(argv):

@@ -7,6 +7,8 @@ import time
 import pytest
 from cli import run_main, run_script, stderr_tail
 
+from maml_tf import checkpoints
+
 
 @pytest.fixture(scope="module")
 def sinusoid_run(tmp_path_factory):
@@ -58,6 +60,26 @@ def test_eval_mode_reproduces_the_test_numbers(sinusoid_run):
     # The meta-test's own time: part of the process's, not the start-up or loading.
     assert 0 < evaluated["test_seconds"] < elapsed
     assert f"meta-test: 20 tasks in {evaluated['test_seconds']:.0f} s" in result.stdout
+
+
+def _best_score(model_dir):
+    (best,) = checkpoints.read_saves(model_dir / checkpoints.CHECKPOINT_DIR / "maml" / "best")
+    return best.best_score
+
+
+def test_validate_mode_gives_the_best_saves_validation_loss_again(sinusoid_run):
+    model_dir, _ = sinusoid_run
+    result = run_main("--mode=validate", f"--model_dir={model_dir}")
+    assert result.returncode == 0, stderr_tail(result)
+    validated = json.loads((model_dir / "val_results.json").read_text())
+    assert validated["protocol"]["tasks"] == "val" and validated["protocol"]["val_tasks"] == 10
+    assert validated["test"]["num_tasks"] == 10
+    # The loss after eval_inner_steps steps on the validation tasks is what chose the best save.
+    assert validated["test"]["query_loss_mean"][-1] == pytest.approx(
+        _best_score(model_dir), rel=1e-5
+    )
+    assert "Validation on 10 fixed validation tasks" in result.stdout
+    assert f"validation: 10 tasks in {validated['test_seconds']:.0f} s" in result.stdout
 
 
 def test_thread_pool_sizes_change_speed_not_the_test_numbers(sinusoid_run, tmp_path):

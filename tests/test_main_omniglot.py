@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from cli import run_main, run_module, stderr_tail
 
-from maml_tf import plots, pretrained
+from maml_tf import checkpoints, plots, pretrained
 
 SMALL = [
     "--dataset=omniglot",
@@ -196,6 +196,23 @@ def test_a_packaged_model_meta_tests_exactly_as_its_run(omniglot_run, full_size_
     from_package = eval_accuracy(f"--init_from={packaged}")
     assert from_package["query_accuracy_mean"] == from_run["query_accuracy_mean"]
     assert from_package["query_loss_mean"] == from_run["query_loss_mean"]
+
+
+def test_validate_gives_the_best_saves_accuracy_from_the_run_and_its_package(
+    omniglot_run, full_size_omniglot, tmp_path
+):
+    model_dir, _ = omniglot_run
+    (best,) = checkpoints.read_saves(model_dir / checkpoints.CHECKPOINT_DIR / "maml" / "best")
+    packaged = tmp_path / "tiny"
+    pretrained.package(str(model_dir), str(packaged))
+    for out, source in ((model_dir, ()), (tmp_path / "validated", (f"--init_from={packaged}",))):
+        result = run_main(
+            "--mode=validate", *source, f"--data_dir={full_size_omniglot}", f"--model_dir={out}"
+        )
+        assert result.returncode == 0, stderr_tail(result)
+        validated = json.loads((out / "val_results.json").read_text())["test"]
+        assert validated["num_tasks"] == 4 and len(validated["query_accuracy_mean"]) == 3
+        assert validated["query_accuracy_mean"][-1] == pytest.approx(best.best_score, abs=1e-6)
 
 
 def test_a_packaged_model_loads_and_adapts_in_one_call(omniglot_run, tmp_path):
