@@ -359,12 +359,14 @@ def _finish(
     split="test",
 ):
     weights = os.path.join(weights_dir, load_weights(config, model, weights_dir))
-    tasks = datasets.test if split == "test" else datasets.val
+    tasks, num_tasks = (
+        (datasets.test, config.test_tasks) if split == "test" else (datasets.val, config.val_tasks)
+    )
     protocol = {
         **datasets.protocol,
         "dataset": config.dataset,
         "tasks": split,
-        f"{split}_tasks": getattr(config, f"{split}_tasks"),
+        f"{split}_tasks": num_tasks,
         "eval_seed": config.eval_seed,
         "eval_inner_steps": config.eval_inner_steps,
         "inner_lr": config.inner_lr,
