@@ -2,10 +2,11 @@
 
 `python -m maml_tf.progress DIR` prints, for each kept save, the meta-updates done and the
 accumulated training time (`train_seconds`, the wall time spent in `fit`, across resumes), the
-seconds per meta-update between consecutive saves, the best save, and every validation (query
-accuracy and loss after the last inner step). DIR is a run's `--model_dir`, or a search's
-directory (`MODEL_DIR/tuning` by default), whose trials are reported one after another. A long
-run's figures are then read off rather than copied by hand from its log.
+seconds per meta-update between consecutive saves, the best save, how many meta-updates are left
+and when the next validation comes, and every validation (query accuracy and loss after the last
+inner step). DIR is a run's `--model_dir`, or a search's directory (`MODEL_DIR/tuning` by
+default), whose trials are reported one after another. A long run's figures are then read off
+rather than copied by hand from its log.
 
 A run keeps only its last `--keep_checkpoints` saves (`maml_tf.checkpoints.TrainingState`), so
 the speed between older saves is gone with them: read a running job's progress as it goes.
@@ -19,12 +20,46 @@ if __name__ == "__main__":
     # Run as a command, as main.py: fewer of TensorFlow's C++ start-up lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from maml_tf import checkpoints, plots, tuning  # noqa: E402
+from maml_tf import checkpoints, plots, training, tuning  # noqa: E402
 from maml_tf.errors import UserError, run_command  # noqa: E402
 
 
-def _saves(title, directory):
-    """Lines for the saves of one learner in `directory` (`.../checkpoints/<name>`), or []."""
+def _duration(seconds):
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _schedule(saves, train_steps, steps_per_epoch):
+    """Lines on what is left of a run of `train_steps` meta-updates after its last save.
+
+    The time left is estimated at the mean speed since the first kept save, steadier than the
+    speed between the last two (a stop's few extra meta-updates, a first epoch's tracing); a
+    single save gives no speed, so no estimate.
+    """
+    done = saves[-1].meta_updates
+    if done >= train_steps:
+        return [f"  all {train_steps:,d} meta-updates (--train_steps) done"]
+    left = train_steps - done
+    estimate = ""
+    if len(saves) > 1:
+        first = saves[0]
+        speed = (saves[-1].train_seconds - first.train_seconds) / (done - first.meta_updates)
+        estimate = (
+            f", about {_duration(left * speed)} at {speed:.2f} s each since {first.meta_updates:,d}"
+        )
+    every = min(steps_per_epoch, train_steps)
+    return [
+        f"  left: {left:,d} of {train_steps:,d} meta-updates (--train_steps){estimate}",
+        f"  next validation at {(done // every + 1) * every:,d} meta-updates "
+        f"(every {every:,d}, --steps_per_epoch)",
+    ]
+
+
+def _saves(title, directory, config=None):
+    """Lines for the saves of one learner in `directory` (`.../checkpoints/<name>`), or [].
+
+    With the run's `config`, the last lines say how many meta-updates are left and when the
+    next validation comes.
+    """
     latest = os.path.join(directory, checkpoints.LATEST)
     saves = checkpoints.read_saves(latest)
     if not saves:
@@ -49,6 +84,8 @@ def _saves(title, directory):
             f"  best: {best.meta_updates:,d} meta-updates, validation score "
             f"{best.best_score:.4f}, {best.train_seconds:,.1f} s"
         )
+    if config is not None and config.train_steps and config.steps_per_epoch:
+        lines += _schedule(saves, config.train_steps, config.steps_per_epoch)
     return lines
 
 
@@ -107,9 +144,12 @@ def report(directory):
         tuning.PROJECT, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
     )
     lines = []
+    # Saved at each start of `main.py --mode=train`, so with the --train_steps of the last one.
+    has_config = os.path.exists(os.path.join(directory, "config.json"))
+    config = training.saved_config(directory) if has_config else None
     for latest in sorted(glob.glob(os.path.join(directory, run_saves))):
         learner = os.path.dirname(latest)
-        lines += _saves(os.path.basename(learner), learner)
+        lines += _saves(os.path.basename(learner), learner, config)
     if lines:
         validation = os.path.join(directory, plots.LOG_DIR, plots.VALIDATION_RUN)
         return "\n".join(lines + _validations(validation, ""))

@@ -60,6 +60,57 @@ def test_the_speed_is_the_training_time_between_saves_per_meta_update(tmp_path):
     assert [line.split() for line in lines[8:]] == [["250", "75.00%"], ["500", "80.00%"]]
 
 
+def _config(model_dir, train_steps, steps_per_epoch):
+    Config(
+        dataset="sinusoid",
+        model_dir=str(model_dir),
+        train_steps=train_steps,
+        steps_per_epoch=steps_per_epoch,
+    ).save(model_dir / "config.json")
+
+
+def test_the_time_left_is_estimated_at_the_mean_speed_since_the_first_kept_save(tmp_path):
+    model, state = _state(tmp_path)
+    _save(model, state, 200, 600.0)
+    _save(model, state, 250, 700.0, best=True)
+    _save(model, state, 400, 1300.0)
+    _config(tmp_path, train_steps=1000, steps_per_epoch=250)
+
+    lines = progress.report(tmp_path).splitlines()
+
+    # 700 s over 200 meta-updates: 3.50 s each (the last two saves alone would give 4.00).
+    assert lines[6:8] == [
+        "  left: 600 of 1,000 meta-updates (--train_steps), about 35 min at 3.50 s each since 200",
+        "  next validation at 500 meta-updates (every 250, --steps_per_epoch)",
+    ]
+    assert lines[8].startswith("validation, after the last inner step")
+
+
+def test_one_save_gives_no_estimate_and_a_finished_run_says_so(tmp_path):
+    model, state = _state(tmp_path)
+    _save(model, state, 500, 1000.0)
+    _config(tmp_path, train_steps=1000, steps_per_epoch=500)
+    assert progress.report(tmp_path).splitlines()[3:5] == [
+        "  left: 500 of 1,000 meta-updates (--train_steps)",
+        "  next validation at 1,000 meta-updates (every 500, --steps_per_epoch)",
+    ]
+
+    _save(model, state, 1000, 7000.0)
+    assert progress.report(tmp_path).splitlines()[4:] == [
+        "  all 1,000 meta-updates (--train_steps) done",
+        f"validation, after the last inner step ({tmp_path}/logs/validation):",
+        "  none logged",
+    ]
+
+
+def test_a_broken_config_is_named(tmp_path):
+    model, state = _state(tmp_path)
+    _save(model, state, 500, 1000.0)
+    (tmp_path / "config.json").write_text('{"train_steps": 1000,')
+    with pytest.raises(UserError, match=f"^{tmp_path}/config.json: not a maml_tf config"):
+        progress.report(tmp_path)
+
+
 def test_each_validation_shows_the_accuracy_and_loss_logged_at_its_meta_update(tmp_path):
     model, state = _state(tmp_path)
     _save(model, state, 100, 50.0)
