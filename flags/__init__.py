@@ -81,6 +81,11 @@ MODE_ONLY = {
 # Flags that other modes read but this mode would ignore, with the reason the error gives.
 IGNORED_BY = {
     ("test_tasks", "validate"): "it uses the run's own validation tasks (its val_tasks)",
+    ("test_tasks", "tune"): (
+        "a search meta-tests nothing (it validates its trials on --val_tasks); give it to the "
+        "run trained from the search's best.flags"
+    ),
+    ("test_tasks", "export"): "an export meta-tests nothing",
 }
 
 

@@ -202,6 +202,16 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path):
             "flag --test_tasks=5: --mode=validate does not read it: it uses the run's own "
             "validation tasks (its val_tasks)",
         ),
+        (
+            ["--mode=tune", "--test_tasks=5"],
+            "flag --test_tasks=5: --mode=tune does not read it: a search meta-tests nothing (it "
+            "validates its trials on --val_tasks); give it to the run trained from the search's "
+            "best.flags",
+        ),
+        (
+            ["--mode=export", "--test_tasks=5"],
+            "flag --test_tasks=5: --mode=export does not read it: an export meta-tests nothing",
+        ),
     ],
 )
 def test_a_flag_of_another_mode_is_refused(argv, message):

@@ -509,7 +509,6 @@ def test_main_tune_mode_writes_a_flagfile_that_main_trains_from(tmp_path):
         "--train_steps=4",
         "--steps_per_epoch=2",
         "--val_tasks=5",
-        "--test_tasks=5",
         "--meta_batch_size=2",
         "--eval_inner_steps=1",
         "--verbose=0",
@@ -525,7 +524,11 @@ def test_main_tune_mode_writes_a_flagfile_that_main_trains_from(tmp_path):
     flagfile = tmp_path / "search" / "tuning" / "best.flags"
     assert str(flagfile) in tuned.stdout
     trained = run_main(
-        f"--flagfile={flagfile}", *common, "--nobaseline", f"--model_dir={tmp_path}/final"
+        f"--flagfile={flagfile}",
+        *common,
+        "--test_tasks=5",
+        "--nobaseline",
+        f"--model_dir={tmp_path}/final",
     )
     assert trained.returncode == 0, stderr_tail(trained)
     best = tuning_best_inner_lr(flagfile)
