@@ -144,11 +144,12 @@ def report(directory):
         tuning.PROJECT, "trial_*", checkpoints.CHECKPOINT_DIR, checkpoints.LATEST
     )
     lines = []
-    # Saved at each start of `main.py --mode=train`, so with the --train_steps of the last one.
-    has_config = os.path.exists(os.path.join(directory, "config.json"))
-    config = training.saved_config(directory) if has_config else None
-    for latest in sorted(glob.glob(os.path.join(directory, run_saves))):
-        learner = os.path.dirname(latest)
+    learners = [os.path.dirname(latest) for latest in glob.glob(os.path.join(directory, run_saves))]
+    config = None
+    # Only a run's: saved at each start of its training, so with the last --train_steps given.
+    if learners and os.path.exists(os.path.join(directory, "config.json")):
+        config = training.saved_config(directory)
+    for learner in sorted(learners):
         lines += _saves(os.path.basename(learner), learner, config)
     if lines:
         validation = os.path.join(directory, plots.LOG_DIR, plots.VALIDATION_RUN)
