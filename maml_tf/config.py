@@ -230,6 +230,27 @@ class Config:
         return (self.image_size, self.image_size, channels)
 
     @property
+    def epoch_steps(self):
+        """Meta-updates per Keras epoch, between two validations (of a resolved config).
+
+        `steps_per_epoch`, but at most `train_steps`: a short run validates once, at its end.
+        """
+        return min(self.steps_per_epoch, self.train_steps)
+
+    def epochs(self):
+        """The Keras epochs of a resolved config's meta-training.
+
+        Raises:
+          UserError: `train_steps` is not a multiple of `epoch_steps`.
+        """
+        if self.train_steps % self.epoch_steps:
+            raise UserError(
+                f"--train_steps={self.train_steps} must be a multiple of "
+                f"--steps_per_epoch={self.epoch_steps}"
+            )
+        return self.train_steps // self.epoch_steps
+
+    @property
     def config_path(self):
         return os.path.join(self.model_dir, "config.json")
 

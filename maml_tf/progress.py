@@ -28,14 +28,14 @@ def _duration(seconds):
     return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
-def _schedule(saves, train_steps, steps_per_epoch):
-    """Lines on what is left of a run of `train_steps` meta-updates after its last save.
+def _schedule(saves, config):
+    """Lines on what is left of a run of `config.train_steps` meta-updates after its last save.
 
     The time left is estimated at the mean speed since the first kept save, steadier than the
     speed between the last two (a stop's few extra meta-updates, a first epoch's tracing); a
     single save gives no speed, so no estimate.
     """
-    done = saves[-1].meta_updates
+    done, train_steps = saves[-1].meta_updates, config.train_steps
     if done >= train_steps:
         return [f"  all {train_steps:,d} meta-updates (--train_steps) done"]
     left = train_steps - done
@@ -46,7 +46,7 @@ def _schedule(saves, train_steps, steps_per_epoch):
         estimate = (
             f", about {_duration(left * speed)} at {speed:.2f} s each since {first.meta_updates:,d}"
         )
-    every = min(steps_per_epoch, train_steps)
+    every = config.epoch_steps
     return [
         f"  left: {left:,d} of {train_steps:,d} meta-updates (--train_steps){estimate}",
         f"  next validation at {(done // every + 1) * every:,d} meta-updates "
@@ -84,8 +84,8 @@ def _saves(title, directory, config=None):
             f"  best: {best.meta_updates:,d} meta-updates, validation score "
             f"{best.best_score:.4f}, {best.train_seconds:,.1f} s"
         )
-    if config is not None and config.train_steps and config.steps_per_epoch:
-        lines += _schedule(saves, config.train_steps, config.steps_per_epoch)
+    if config is not None:
+        lines += _schedule(saves, config)
     return lines
 
 

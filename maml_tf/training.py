@@ -125,12 +125,7 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
       Stopped: a stop signal arrived; the state is saved.
       UserError: a non-finite loss or θ (the last good save is kept), or too few train_steps.
     """
-    steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
-    if config.train_steps % steps_per_epoch:
-        raise UserError(
-            f"--train_steps={config.train_steps} must be a multiple of "
-            f"--steps_per_epoch={steps_per_epoch}"
-        )
+    epochs, steps_per_epoch = config.epochs(), config.epoch_steps
     model.compile(
         optimizer=keras.optimizers.Adam(
             config.outer_lr, clipvalue=config.clip_value, global_clipnorm=config.clip_norm
@@ -156,7 +151,6 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
         saver,
         checkpoints.StopOnSignal(stop),
     ]
-    epochs = config.train_steps // steps_per_epoch
     try:
         with stop:
             try:

@@ -298,8 +298,8 @@ class MamlHyperModel(kt.HyperModel):
         self.log_dir = log_dir
         self.trials_dir = trials_dir
         self.stop_requests = stop_requests
-        self.steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
-        self.epochs = config.train_steps // self.steps_per_epoch
+        self.steps_per_epoch = config.epoch_steps
+        self.epochs = config.epochs()
         self.monitor, self.mode = training._monitor(config)
         self.hparams = _hparams_domains(space, config.first_order)
 
@@ -775,12 +775,7 @@ def tune(config, space=None):
     config = config.resolve()
     training.set_threads(config.inter_op_threads, config.intra_op_threads)
     space = space.resolve(config)
-    steps_per_epoch = min(config.steps_per_epoch, config.train_steps)
-    if config.train_steps % steps_per_epoch:
-        raise UserError(
-            f"--train_steps={config.train_steps} must be a multiple of "
-            f"--steps_per_epoch={steps_per_epoch}"
-        )
+    config.epochs()  # refuses a --train_steps that is not a whole number of epochs
     _check_same_search(config, space)
     datasets = build_datasets(config)
     log_dir = os.path.join(space.directory, LOG_DIR)

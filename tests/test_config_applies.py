@@ -258,3 +258,10 @@ def test_a_config_saved_when_every_data_set_had_baseline_true_still_loads(tmp_pa
     assert loaded.baseline is None
     assert loaded.resolve() == Config(dataset="omniglot").resolve()
     assert Config(dataset="sinusoid").resolve().baseline is True
+
+
+def test_an_epoch_is_at_most_the_whole_run():
+    short = Config(dataset="sinusoid", train_steps=40, steps_per_epoch=100).resolve()
+    assert (short.epoch_steps, short.epochs()) == (40, 1)
+    run = Config(dataset="sinusoid", train_steps=300, steps_per_epoch=100).resolve()
+    assert (run.epoch_steps, run.epochs()) == (100, 3)

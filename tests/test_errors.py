@@ -50,6 +50,12 @@ def test_an_out_of_range_count_names_the_flag(flag, name, tmp_path):
     assert_one_error_naming(run_main(flag, f"--model_dir={tmp_path}/run"), name)
 
 
+def test_a_search_of_part_epochs_names_the_flag(tmp_path):
+    # The sinusoid default is 1,000 meta-updates per epoch.
+    result = run_main("--mode=tune", "--train_steps=1500", f"--model_dir={tmp_path}/run")
+    assert_one_error_naming(result, "--train_steps=1500", "--steps_per_epoch=1000")
+
+
 def test_an_image_size_too_small_for_max_pooling_names_the_flag(folder_data, tmp_path):
     result = run_main(
         *TINY_FOLDER_RUN, "--image_size=8", f"--data_dir={folder_data}", f"--model_dir={tmp_path}/r"
