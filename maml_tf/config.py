@@ -38,6 +38,8 @@ RESAMPLES = ("lanczos", "nearest")
 # How Omniglot's rotations augment it (`maml_tf.data.omniglot.omniglot_splits`).
 ROTATIONS = ("episode", "classes", "none")
 CHECKPOINTS = ("best", "final")
+# The file holding a run's or pretrained model's `Config`, in its directory.
+CONFIG_FILE = "config.json"
 # Kept here, not imported from maml_tf.maml, so that flag parsing does not load TensorFlow.
 TASK_LOOPS = ("auto", "batched", "map", "unroll")
 # TF_ENABLE_ONEDNN_OPTS for each `--onednn` of main.py and the benchmark (None: left as it is,
@@ -252,7 +254,7 @@ class Config:
 
     @property
     def config_path(self):
-        return os.path.join(self.model_dir, "config.json")
+        return os.path.join(self.model_dir, CONFIG_FILE)
 
 
 def with_legacy_fields(values):

@@ -29,6 +29,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from maml_tf import checkpoints, training  # noqa: E402
+from maml_tf.config import CONFIG_FILE  # noqa: E402
 from maml_tf.errors import run_command  # noqa: E402
 
 # Where the run's files were on the machine that trained it: meaningless elsewhere.
@@ -76,7 +77,7 @@ def package(run_dir, out_dir, checkpoint="best"):
     cleared = dataclasses.replace(
         cleared, allow_changed=(), verbose=1, inter_op_threads=0, intra_op_threads=0
     )
-    written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, training.FINAL_WEIGHTS)]
+    written = [os.path.join(out_dir, CONFIG_FILE), os.path.join(out_dir, training.FINAL_WEIGHTS)]
     cleared.save(written[0])
     checkpoints.atomic_save_weights(model.learner, written[1])
     results_path = os.path.join(run_dir, training.RESULTS)

@@ -21,6 +21,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from maml_tf import checkpoints, plots, training, tuning  # noqa: E402
+from maml_tf.config import CONFIG_FILE  # noqa: E402
 from maml_tf.errors import UserError, run_command  # noqa: E402
 
 
@@ -147,7 +148,7 @@ def report(directory):
     learners = [os.path.dirname(latest) for latest in glob.glob(os.path.join(directory, run_saves))]
     config = None
     # Only a run's: saved at each start of its training, so with the last --train_steps given.
-    if learners and os.path.exists(os.path.join(directory, "config.json")):
+    if learners and os.path.exists(os.path.join(directory, CONFIG_FILE)):
         config = training.saved_config(directory)
     for learner in sorted(learners):
         lines += _saves(os.path.basename(learner), learner, config)

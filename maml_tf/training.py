@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from maml_tf import checkpoints, evaluation, export, learners, monitoring, plots
-from maml_tf.config import ONEDNN_NAMES, TUNING_FIELDS, Config
+from maml_tf.config import CONFIG_FILE, ONEDNN_NAMES, TUNING_FIELDS, Config
 from maml_tf.data.datasets import build_datasets
 from maml_tf.errors import Stopped, Terminated, UserError
 from maml_tf.maml import MAML
@@ -690,7 +690,7 @@ def saved_config(directory, flag=None):
       UserError: no `config.json` there (naming `--flag` when the directory came from one), or
         one that is not a maml_tf config.
     """
-    path = os.path.join(directory, "config.json")
+    path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         where = f"--{flag}={directory}" if flag else directory
         raise UserError(f"{where}: no trained run or model here ({path} is missing)")
