@@ -86,6 +86,17 @@ def test_the_time_left_is_estimated_at_the_mean_speed_since_the_first_kept_save(
     assert lines[8].startswith("validation, after the last inner step")
 
 
+def test_an_estimate_of_an_hour_or_more_is_in_hours(tmp_path):
+    model, state = _state(tmp_path)
+    _save(model, state, 100, 0.0)
+    _save(model, state, 200, 400.0)
+    _config(tmp_path, train_steps=1100, steps_per_epoch=100)
+    # 900 meta-updates left at 4.00 s each: 3,600 s.
+    assert progress.report(tmp_path).splitlines()[4] == (
+        "  left: 900 of 1,100 meta-updates (--train_steps), about 1.0 h at 4.00 s each since 100"
+    )
+
+
 def test_one_save_gives_no_estimate_and_a_finished_run_says_so(tmp_path):
     model, state = _state(tmp_path)
     _save(model, state, 500, 1000.0)
