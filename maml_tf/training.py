@@ -123,7 +123,8 @@ def _fit(config, model, datasets, log_dir, state_dir, best_path=None):
 
     Raises:
       Stopped: a stop signal arrived; the state is saved.
-      UserError: a non-finite loss or θ (the last good save is kept), or too few train_steps.
+      UserError: a non-finite loss or θ (the last good save is kept), or a `train_steps` that is
+        not a whole number of epochs (`Config.epochs`) or is below the run's meta-updates done.
     """
     epochs, steps_per_epoch = config.epochs(), config.epoch_steps
     model.compile(
