@@ -298,8 +298,7 @@ class MamlHyperModel(kt.HyperModel):
         self.log_dir = log_dir
         self.trials_dir = trials_dir
         self.stop_requests = stop_requests
-        self.steps_per_epoch = config.epoch_steps
-        self.epochs = config.epochs()
+        config.epochs()  # refuses a train_steps that is not a whole number of epochs
         self.monitor, self.mode = training._monitor(config)
         self.hparams = _hparams_domains(space, config.first_order)
 
@@ -362,7 +361,7 @@ class MamlHyperModel(kt.HyperModel):
             mode=self.mode,
         )
         # A hyperband trial that continues another starts its own count at `initial_epoch`.
-        first_update = initial_epoch * self.steps_per_epoch
+        first_update = initial_epoch * self.config.epoch_steps
         done = first_update + state.restore()
         history_path = os.path.join(trial_dir, HISTORY_FILE)
         earlier = _read_history(history_path) if done > first_update else {}
@@ -385,15 +384,15 @@ class MamlHyperModel(kt.HyperModel):
 
         tensorboard = monitoring.EpochTensorBoard(log_dir=log_dir, write_graph=False)
         saver = checkpoints.SaveTrainingState(
-            state, self.config.checkpoint_every or self.steps_per_epoch, self.monitor
+            state, self.config.checkpoint_every or self.config.epoch_steps, self.monitor
         )
         try:
             training.fit_from(
                 model,
                 self.datasets,
                 done,
-                epochs or self.epochs,
-                self.steps_per_epoch,
+                epochs or self.config.epochs(),
+                self.config.epoch_steps,
                 [
                     checkpoints.StopOnNonFinite(),
                     *callbacks,
@@ -620,7 +619,7 @@ def _make_tuner(config, space, hypermodel):
             **common,
         )
     tuner = _Hyperband(
-        max_epochs=hypermodel.epochs,
+        max_epochs=hypermodel.config.epochs(),
         factor=space.hyperband_factor,
         hyperband_iterations=None,  # brackets repeat until max_trials
         **common,
@@ -829,7 +828,7 @@ def tune(config, space=None):
     best = None
     if completed:
         best = sorted(completed, key=lambda t: t.score, reverse=hypermodel.mode == "max")[0]
-    table = _trials_table(oracle, objective, best and best.trial_id, hypermodel.epochs)
+    table = _trials_table(oracle, objective, best and best.trial_id, hypermodel.config.epochs())
     checkpoints.atomic_write_text(os.path.join(space.directory, TRIALS_TABLE), table)
     if best is None:
         counts = collections.Counter(_trial_status(t).split(":")[0] for t in oracle.trials.values())
