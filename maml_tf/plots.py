@@ -72,11 +72,22 @@ def sinusoid_fit(path, task, panels, steps=(0, 1, 10)):
     return path
 
 
+def _writer_start(path):
+    """The sort key of an event file: the time its writer started, then its modification time.
+
+    The start time is in the name (`events.out.tfevents.<seconds>.<host>...`), which a copy or a
+    clone keeps and a modification time does not: a committed run's files, checked out in any
+    order, still sort by the resumes that wrote them.
+    """
+    started = os.path.basename(path).split(".")[3]
+    return (int(started) if started.isdigit() else 0, os.path.getmtime(path))
+
+
 def read_scalars(log_dir, tags):
     """Scalars logged in one TensorBoard directory, by tag, against the step they were logged at.
 
     A resumed run adds event files to the same directory; where two give a value for the same
-    step, the newer file's wins.
+    step, the file of the later resume (its writer's start time) wins.
 
     Args:
       log_dir: a directory of event files (a run's `logs/validation`).
@@ -88,8 +99,7 @@ def read_scalars(log_dir, tags):
     import tensorflow as tf
 
     paths = sorted(
-        glob.glob(os.path.join(os.fspath(log_dir), "events.out.tfevents.*")),
-        key=os.path.getmtime,
+        glob.glob(os.path.join(os.fspath(log_dir), "events.out.tfevents.*")), key=_writer_start
     )
     values = {tag: {} for tag in tags}
     for path in paths:

@@ -1,5 +1,6 @@
 """Validation curves read back from TensorBoard event files, as a resumed run leaves them."""
 
+import os
 import time
 
 import numpy as np
@@ -25,6 +26,23 @@ def test_a_resumed_run_reads_as_one_curve_with_the_newer_values(tmp_path):
     _write(validation, [(1000, 0.90), (2000, 0.93)])
     time.sleep(1.1)  # a resumed run's events file is newer
     _write(validation, [(2000, 0.94), (3000, 0.96)])
+
+    iterations, accuracy = plots.read_validation_curve(tmp_path / "run")
+
+    np.testing.assert_array_equal(iterations, [1000, 2000, 3000])
+    np.testing.assert_allclose(accuracy, [0.90, 0.94, 0.96], rtol=1e-6)
+
+
+def test_the_later_resume_wins_whatever_the_files_modification_times(tmp_path):
+    """A clone or a copy sets the files' modification times in any order; the start time in the
+    name is what says which resume came later."""
+    validation = tmp_path / "run" / "logs" / "validation"
+    _write(validation, [(1000, 0.90), (2000, 0.93)])
+    time.sleep(1.1)  # the names' start times are in whole seconds
+    _write(validation, [(2000, 0.94), (3000, 0.96)])
+    first, _ = sorted(validation.glob("events.out.tfevents.*"))
+    later = time.time() + 100
+    os.utime(first, (later, later))
 
     iterations, accuracy = plots.read_validation_curve(tmp_path / "run")
 
