@@ -1,0 +1,101 @@
+"""The unfinished 20-way 5-shot run's figures, copied by hand into README.md and
+docs/omniglot_runs.md each time the run goes on, are those of its committed snapshot.
+
+A session that continues the run replaces `experiments/unfinished/omniglot_20w5s` and edits the
+figures; one it forgets must fail here rather than mislead a reader.
+"""
+
+import filecmp
+import os
+import re
+
+import pytest
+from cli import ROOT
+
+from maml_tf import checkpoints, plots
+
+RUN = os.path.join(ROOT, "experiments", "unfinished", "omniglot_20w5s")
+SHIPPED = os.path.join(ROOT, "pretrained", "omniglot_20w5s", "learner.weights.h5")
+
+
+def _read(*path):
+    with open(os.path.join(ROOT, *path), encoding="utf-8") as f:
+        return f.read()
+
+
+def _one_save(name):
+    saves = checkpoints.read_saves(os.path.join(RUN, "checkpoints", "maml", name))
+    assert len(saves) == 1, f"the snapshot keeps one {name} save"
+    return saves[0]
+
+
+@pytest.fixture(scope="module")
+def latest():
+    return _one_save(checkpoints.LATEST)
+
+
+@pytest.fixture(scope="module")
+def best():
+    return _one_save(checkpoints.BEST)
+
+
+def _section(text, heading):
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_the_docs_validation_table_is_every_validation_the_run_logged():
+    section = _section(_read("docs", "omniglot_runs.md"), "## 20-way 5-shot (not reached)")
+    shown = {}
+    for updates, row in re.findall(
+        r"^\| updates \| (.*) \|\n\|[-|]+\|\n\| 20-way 5-shot \| (.*) \|$", section, re.M
+    ):
+        cells = zip(updates.split(" | "), row.split(" | "), strict=True)
+        shown.update({int(step.replace(",", "")): value for step, value in cells})
+    logged = plots.read_scalars(
+        os.path.join(RUN, "logs", "validation"), [plots.VALIDATION_ACCURACY_TAG]
+    )[plots.VALIDATION_ACCURACY_TAG]
+
+    assert sorted(shown) == sorted(logged)
+    assert {step: value.strip("*") for step, value in shown.items()} == {
+        step: f"{100 * value:.2f}" for step, value in logged.items()
+    }
+    top = max(logged, key=logged.get)
+    assert [step for step, value in shown.items() if value.startswith("**")] == [top]
+
+
+def test_the_best_save_is_the_best_validation_and_the_shipped_model(best):
+    logged = plots.read_scalars(
+        os.path.join(RUN, "logs", "validation"), [plots.VALIDATION_ACCURACY_TAG]
+    )[plots.VALIDATION_ACCURACY_TAG]
+    assert best.meta_updates == max(logged, key=logged.get)
+    assert filecmp.cmp(os.path.join(RUN, "best.weights.h5"), SHIPPED, shallow=False)
+
+
+def test_the_readme_gives_the_runs_updates_and_training_time(latest, best):
+    readme = _read("README.md")
+    row = re.search(r"^\| 20-way 5-shot \| 98\.9 ± 0\.2% \|.*$", readme, re.M).group(0)
+    assert f"| {latest.meta_updates:,d} of 60,000; shipped θ at {best.meta_updates:,d} " in row
+    times = [
+        f"{save.train_seconds:,.0f} s ({save.train_seconds / 3600:.1f} h) to {save.meta_updates:,d}"
+        for save in (best, latest)
+    ]
+    assert f"| {'; '.join(times)} |" in row
+    updates = f"to {latest.meta_updates:,d} updates ({latest.train_seconds / 3600:.1f} h)"
+    assert updates in " ".join(readme.split())
+    assert f"{100 * best.best_score:.2f}% at {best.meta_updates:,d})" in readme
+
+
+def test_the_docs_give_the_state_the_snapshot_holds(latest, best):
+    section = _section(_read("docs", "omniglot_runs.md"), "## 20-way 5-shot (not reached)")
+    assert (
+        f"The state at {latest.meta_updates:,d} updates (and its best save, the one at "
+        f"{best.meta_updates:,d}) is in" in " ".join(section.split())
+    )
+    last_session = re.findall(r"^\| \d+ \(\d{4}-\d\d-\d\d\) \|.*$", section, re.M)[-1]
+    assert f" → {latest.meta_updates:,d} |" in last_session
+    hours = latest.train_seconds / 3600
+    assert last_session.endswith(
+        f"; {latest.train_seconds:,.0f} s ({hours:.1f} h) at {latest.meta_updates:,d} |"
+    )
