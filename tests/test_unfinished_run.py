@@ -12,10 +12,10 @@ import re
 import pytest
 from cli import ROOT
 
-from maml_tf import checkpoints, plots
+from maml_tf import checkpoints, plots, training
 
 RUN = os.path.join(ROOT, "experiments", "unfinished", "omniglot_20w5s")
-SHIPPED = os.path.join(ROOT, "pretrained", "omniglot_20w5s", "learner.weights.h5")
+SHIPPED = os.path.join(ROOT, "pretrained", "omniglot_20w5s", training.FINAL_WEIGHTS)
 
 
 def _read(*path):
@@ -24,7 +24,7 @@ def _read(*path):
 
 
 def _one_save(name):
-    saves = checkpoints.read_saves(os.path.join(RUN, "checkpoints", "maml", name))
+    saves = checkpoints.read_saves(os.path.join(RUN, checkpoints.CHECKPOINT_DIR, "maml", name))
     assert len(saves) == 1, f"the snapshot keeps one {name} save"
     return saves[0]
 
@@ -42,9 +42,7 @@ def best():
 @pytest.fixture(scope="module")
 def logged():
     """{meta-update: validation query accuracy} of every validation the run logged."""
-    return plots.read_scalars(
-        os.path.join(RUN, "logs", "validation"), [plots.VALIDATION_ACCURACY_TAG]
-    )[plots.VALIDATION_ACCURACY_TAG]
+    return dict(zip(*plots.read_validation_curve(RUN), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +72,7 @@ def test_the_docs_validation_table_is_every_validation_the_run_logged(section, l
 
 def test_the_best_save_is_the_best_validation_and_the_shipped_model(best, logged):
     assert best.meta_updates == max(logged, key=logged.get)
-    assert filecmp.cmp(os.path.join(RUN, "best.weights.h5"), SHIPPED, shallow=False)
+    assert filecmp.cmp(os.path.join(RUN, training.BEST_WEIGHTS), SHIPPED, shallow=False)
 
 
 def test_the_readme_gives_the_runs_updates_and_training_time(latest, best):
