@@ -75,7 +75,7 @@ def test_the_best_save_is_the_best_validation_and_the_shipped_model(best, logged
     assert filecmp.cmp(os.path.join(RUN, training.BEST_WEIGHTS), SHIPPED, shallow=False)
 
 
-def test_the_readme_gives_the_runs_updates_and_training_time(latest, best):
+def test_the_readme_gives_the_runs_updates_training_time_and_best_save(latest, best):
     readme = _read("README.md")
     row = re.search(r"^\| 20-way 5-shot \| 98\.9 ± 0\.2% \|.*$", readme, re.M).group(0)
     assert f"| {latest.meta_updates:,d} of 60,000; shipped θ at {best.meta_updates:,d} " in row
@@ -87,6 +87,15 @@ def test_the_readme_gives_the_runs_updates_and_training_time(latest, best):
     updates = f"to {latest.meta_updates:,d} updates ({latest.train_seconds / 3600:.1f} h)"
     assert updates in " ".join(readme.split())
     assert f"{100 * best.best_score:.2f}% at {best.meta_updates:,d})" in readme
+    # The shipped model's row and the example of its validation name the best save.
+    assert (
+        f"| `pretrained/omniglot_20w5s` | 20-way 5-shot; θ at {best.meta_updates:,d} of 60,000,"
+        in readme
+    )
+    assert (
+        f"That is the validation at {best.meta_updates:,d} updates that chose this θ "
+        f"({100 * best.best_score:.2f}%;" in " ".join(readme.split())
+    )
 
 
 def test_the_docs_give_the_state_the_snapshot_holds(section, latest, best):
