@@ -288,6 +288,9 @@ class MamlHyperModel(kt.HyperModel):
         `trials_dir/trial_<i>`.
       stop_requests: an entered `checkpoints.StopRequests` whose signal stops the trial under
         way with a save (`TrialStopped`), or None.
+
+    Raises:
+      UserError: `config.train_steps` is not a whole number of epochs (`Config.epochs`).
     """
 
     def __init__(self, config, space, datasets, log_dir, trials_dir, stop_requests=None):
